@@ -1,0 +1,215 @@
+"""Network presets: every released OpenAI checkpoint configuration, DDPM CIFAR-10, and MNIST miniatures.
+
+The released presets are derived from the official command-line flags by the official rules
+(``config_from_official_flags``: default ``channel_mult`` per image size, attention resolutions
+given in pixels turned into downsample rates, the flag defaults of each repository), so their
+parameter counts equal the published ones (tests/nn/test_presets.py checks against released.json).
+
+    name                                             params        network
+    guided-diffusion/64x64_diffusion               295,904,454     ADM-64 (cond, learned sigma)
+    guided-diffusion/128x128_diffusion             421,529,606     ADM-128
+    guided-diffusion/256x256_diffusion             553,838,086     ADM-256
+    guided-diffusion/256x256_diffusion_uncond      552,814,086     ADM-256 unconditional
+    guided-diffusion/512x512_diffusion             558,997,638     ADM-512
+    guided-diffusion/lsun_bedroom                  552,814,086     ADM LSUN (dropout 0.1)
+    guided-diffusion/64x64_classifier               65,438,568     noisy classifier
+    guided-diffusion/128x128_classifier             42,568,040
+    guided-diffusion/256x256_classifier             54,096,360
+    guided-diffusion/512x512_classifier             54,448,360
+    guided-diffusion/64_256_upsampler              311,795,910     super-resolution 64 -> 256
+    improved-diffusion/cifar10_uncond_50M_500K      52,546,438     iDDPM CIFAR-10
+    improved-diffusion/imagenet64_uncond_100M_1500K 121,063,942    iDDPM ImageNet-64
+    improved-diffusion/imagenet64_cond_270M_250K   273,049,350     iDDPM ImageNet-64 class-cond
+    ddpm-cifar10                                    35,746,307     DDPM (Ho et al.) in this architecture
+    mnist-tiny                                         176,849     tests (8x8 .. 32x32, 1 channel)
+    mnist-small                                      1,921,601     10-minute CPU training at 32x32
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from difflab.nn.classifier import Classifier, ClassifierConfig
+from difflab.nn.unet import UNet, UNetConfig
+
+__all__ = [
+    "RELEASED_FLAGS",
+    "PRESETS",
+    "config_from_official_flags",
+    "get_preset",
+    "build_network",
+]
+
+NUM_CLASSES = 1000  # ImageNet classes of every class-conditional release
+
+# The flags each released checkpoint was trained/sampled with (README of each repository); flags
+# not listed take the repository's defaults (_MODEL_DEFAULTS / _CLASSIFIER_DEFAULTS below).
+_ADM = dict(learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True, attention_resolutions="32,16,8")
+_ADM_CLF = dict(classifier_use_fp16=False, classifier_width=128, classifier_attention_resolutions="32,16,8",
+                classifier_use_scale_shift_norm=True, classifier_resblock_updown=True,
+                classifier_pool="attention")
+_IDDPM = dict(learn_sigma=True, use_checkpoint=False, attention_resolutions="16,8", num_heads=4,
+              num_heads_upsample=-1, use_scale_shift_norm=True)
+RELEASED_FLAGS: dict[str, dict[str, Any]] = {
+    "guided-diffusion/64x64_diffusion": dict(
+        _ADM, class_cond=True, dropout=0.1, image_size=64, num_channels=192, num_head_channels=64,
+        num_res_blocks=3, use_new_attention_order=True),
+    "guided-diffusion/128x128_diffusion": dict(
+        _ADM, class_cond=True, image_size=128, num_channels=256, num_heads=4, num_res_blocks=2),
+    "guided-diffusion/256x256_diffusion": dict(
+        _ADM, class_cond=True, image_size=256, num_channels=256, num_head_channels=64, num_res_blocks=2),
+    "guided-diffusion/256x256_diffusion_uncond": dict(
+        _ADM, class_cond=False, image_size=256, num_channels=256, num_head_channels=64, num_res_blocks=2),
+    "guided-diffusion/512x512_diffusion": dict(
+        _ADM, class_cond=True, image_size=512, num_channels=256, num_head_channels=64, num_res_blocks=2),
+    "guided-diffusion/lsun_bedroom": dict(
+        _ADM, class_cond=False, dropout=0.1, image_size=256, num_channels=256, num_head_channels=64,
+        num_res_blocks=2),
+    "guided-diffusion/64x64_classifier": dict(_ADM_CLF, image_size=64, classifier_depth=4),
+    "guided-diffusion/128x128_classifier": dict(_ADM_CLF, image_size=128, classifier_depth=2),
+    "guided-diffusion/256x256_classifier": dict(_ADM_CLF, image_size=256, classifier_depth=2),
+    "guided-diffusion/512x512_classifier": dict(_ADM_CLF, image_size=512, classifier_depth=2),
+    "guided-diffusion/64_256_upsampler": dict(
+        large_size=256, small_size=64, num_channels=192, num_res_blocks=2, learn_sigma=True, class_cond=True,
+        use_checkpoint=False, attention_resolutions="32,16,8", num_heads=4, num_head_channels=-1,
+        num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=False),
+    "improved-diffusion/cifar10_uncond_50M_500K": dict(
+        _IDDPM, image_size=32, num_channels=128, num_res_blocks=3, class_cond=False, dropout=0.3),
+    "improved-diffusion/imagenet64_uncond_100M_1500K": dict(
+        _IDDPM, image_size=64, num_channels=128, num_res_blocks=3, class_cond=False, dropout=0.0),
+    "improved-diffusion/imagenet64_cond_270M_250K": dict(
+        _IDDPM, image_size=64, num_channels=192, num_res_blocks=3, class_cond=True, dropout=0.0),
+}
+
+# Defaults of the official flag parsers (model_and_diffusion_defaults / classifier_defaults).
+_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "guided-diffusion": dict(
+        image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+        num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0, class_cond=False,
+        use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False, use_fp16=False,
+        use_new_attention_order=False, learn_sigma=False),
+    "improved-diffusion": dict(
+        image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+        attention_resolutions="16,8", dropout=0.0, learn_sigma=False, class_cond=False, use_checkpoint=False,
+        use_scale_shift_norm=True),
+}
+_CLASSIFIER_DEFAULTS = dict(
+    image_size=64, classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
+    classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
+    classifier_resblock_updown=True, classifier_pool="attention")
+
+# Default channel_mult per image size (official create_model / create_classifier / sr_create_model).
+_GUIDED_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+_IMPROVED_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
+_SR_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+
+
+def _mult(table: dict[int, tuple], size: int, given: Any = "") -> tuple:
+    if given not in ("", None):
+        return tuple(float(m) if "." in str(m) else int(m) for m in str(given).split(","))
+    if size not in table:
+        raise ValueError(f"image_size={size} has no default channel_mult; valid: {sorted(table)}")
+    return table[size]
+
+
+def _ds(attention_resolutions: str, size: int) -> tuple[int, ...]:
+    """'32,16,8' (pixel sizes) -> downsample rates (size // 32, size // 16, size // 8)."""
+    return tuple(size // int(r) for r in str(attention_resolutions).split(",") if r)
+
+
+def config_from_official_flags(flags: dict[str, Any], family: str) -> UNetConfig | ClassifierConfig:
+    """Turn the official script flags into a difflab config, following the official create_* rules.
+
+    Args:
+        flags: flags as in the official READMEs (``num_channels``, ``attention_resolutions="32,16,8"``,
+            ``class_cond``, ...); missing flags take the repository's defaults.
+        family: ``"improved-diffusion"``, ``"guided-diffusion"`` (model), ``"guided-diffusion-classifier"``
+            or ``"guided-diffusion-sr"`` (SuperResModel; flags ``large_size``/``small_size``).
+    """
+    families = ("improved-diffusion", "guided-diffusion", "guided-diffusion-classifier", "guided-diffusion-sr")
+    if family not in families:
+        raise ValueError(f"family={family!r} is invalid; valid: {', '.join(families)}")
+    if family == "guided-diffusion-classifier":
+        f = {**_CLASSIFIER_DEFAULTS, **flags}
+        size = f["image_size"]
+        return ClassifierConfig(
+            in_channels=3, model_channels=f["classifier_width"], channel_mult=_mult(_GUIDED_MULT, size),
+            num_res_blocks=f["classifier_depth"],
+            attention_resolutions=_ds(f["classifier_attention_resolutions"], size),
+            num_head_channels=64, use_scale_shift_norm=f["classifier_use_scale_shift_norm"],
+            resblock_updown=f["classifier_resblock_updown"], image_size=size, out_channels=NUM_CLASSES,
+            pool=f["classifier_pool"],
+        )
+    f = {**_MODEL_DEFAULTS["improved-diffusion" if family == "improved-diffusion" else "guided-diffusion"],
+         **flags}
+    if f.get("num_heads_upsample", -1) not in (-1, f["num_heads"]):
+        raise ValueError("num_heads_upsample other than -1 (deprecated officially) is not supported")
+    if family == "guided-diffusion-sr":
+        size = f["large_size"]
+        mult = _mult(_SR_MULT, size)
+    elif family == "improved-diffusion":
+        size = f["image_size"]
+        mult = _mult(_IMPROVED_MULT, size)
+    else:
+        size = f["image_size"]
+        mult = _mult(_GUIDED_MULT, size, f.get("channel_mult", ""))
+    return UNetConfig(
+        in_channels=3, model_channels=f["num_channels"], channel_mult=mult,
+        num_res_blocks=f["num_res_blocks"], attention_resolutions=_ds(f["attention_resolutions"], size),
+        num_heads=f["num_heads"], num_head_channels=f.get("num_head_channels", -1),
+        use_new_attention_order=f.get("use_new_attention_order", False), dropout=float(f["dropout"]),
+        use_scale_shift_norm=f["use_scale_shift_norm"], resblock_updown=f.get("resblock_updown", False),
+        use_checkpoint=f["use_checkpoint"], learn_sigma=f["learn_sigma"],
+        num_classes=NUM_CLASSES if f["class_cond"] else None,
+        low_res_channels=3 if family == "guided-diffusion-sr" else 0, image_size=size,
+    )
+
+
+def family_of(name: str) -> str:
+    """The official family of a released preset name (see ``config_from_official_flags``)."""
+    repo, _, what = name.partition("/")
+    if repo == "guided-diffusion":
+        if "classifier" in what:
+            return "guided-diffusion-classifier"
+        if "upsampler" in what:
+            return "guided-diffusion-sr"
+    return repo
+
+
+PRESETS: dict[str, UNetConfig | ClassifierConfig] = {
+    name: config_from_official_flags(flags, family_of(name)) for name, flags in RELEASED_FLAGS.items()
+}
+PRESETS.update({
+    # DDPM CIFAR-10 (Ho et al. 2020, App. B) in the official improved-diffusion architecture: 128 ch,
+    # mult 1,2,2,2, 2 res blocks, attention at 16x16, 1 head, dropout 0.1, additive time embedding,
+    # fixed variance (3 outputs). 35,746,307 parameters (the paper reports 35.7M).
+    "ddpm-cifar10": UNetConfig(
+        in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+        attention_resolutions=(2,), num_heads=1, dropout=0.1, use_scale_shift_norm=False, image_size=32),
+    # Tiny: fast in tests at 8x8 .. 32x32, 1 channel (MNIST); attention at ds 2.
+    "mnist-tiny": UNetConfig(
+        in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+        num_heads=2, num_groups=8, image_size=32),
+    # Small: ~1.9M parameters, ADM-style (AdaGN, BigGAN up/down), trains in ~10 minutes on a CPU at 32x32.
+    "mnist-small": UNetConfig(
+        in_channels=1, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(4,),
+        num_head_channels=32, dropout=0.1, use_scale_shift_norm=True, resblock_updown=True, image_size=32),
+})
+
+
+def get_preset(name: str) -> UNetConfig | ClassifierConfig:
+    """The config of a preset; ValueError listing the valid names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_network(config: UNetConfig | ClassifierConfig) -> nn.Module:
+    """``UNet`` or ``Classifier`` for a config (call under ``torch.device('meta')`` to allocate nothing)."""
+    if isinstance(config, ClassifierConfig):
+        return Classifier(config)
+    if isinstance(config, UNetConfig):
+        return UNet(config)
+    raise ValueError(f"config must be a UNetConfig or ClassifierConfig, got {type(config).__name__}")

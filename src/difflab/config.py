@@ -1,0 +1,574 @@
+"""Typed run configuration: frozen dataclasses, YAML in / out, dotted overrides, validation.
+
+A run is described by :class:`Config` with five sections::
+
+    model:      difflab.nn.unet.UNetConfig   (or {preset: NAME, ...field overrides})
+    diffusion:  DiffusionConfig   the noise process, parameterisation and loss
+    data:       DataConfig        what to train on
+    train:      TrainConfig       optimiser, batch, EMA, logging and checkpoint cadence
+    sample:     SampleConfig      how ``difflab sample`` draws images
+
+``load_config(path, overrides=["train.lr=1e-4"])`` reads YAML, applies overrides (each value parsed
+with ``yaml.safe_load``), resolves a model preset and validates everything; ``save_config`` writes
+the fully resolved config (a preset is written out field by field, so the file alone rebuilds the
+run). Errors are :class:`ConfigError` (a ``ValueError``) naming the dotted key: an unknown key
+suggests the nearest valid one, a wrong choice lists the valid ones, a wrong type or an out-of-range
+value names the field and the value.
+
+The conversion is generic over (nested) dataclasses: ``Literal``, ``Optional`` / unions, tuples,
+lists, dicts, bool / int / float / str / Path and nested dataclasses, so it serves
+``UNetConfig`` and any config written later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import yaml
+
+if TYPE_CHECKING:
+    from difflab.nn.unet import UNetConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; ``path`` is the dotted key (``train.lr``), ``problem`` the reason."""
+
+    def __init__(self, path: Sequence[str], problem: str) -> None:
+        self.path = tuple(path)
+        self.problem = problem
+        where = ".".join(self.path)
+        super().__init__(f"{where}: {problem}" if where else problem)
+
+    def under(self, *prefix: str) -> ConfigError:
+        """The same error with ``prefix`` put in front of its key."""
+        return ConfigError((*prefix, *self.path), self.problem)
+
+
+# ============================================================================ generic machinery
+
+
+_UNION_TYPES = (Union, types.UnionType)
+
+
+def _resolve_unet_config() -> type:
+    """``difflab.nn.unet.UNetConfig`` if it exists yet, else a plain mapping (the model section kept raw)."""
+    try:
+        from difflab.nn.unet import UNetConfig
+    except ImportError:
+        return dict[str, Any]
+    return UNetConfig
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a dataclass (string annotations included)."""
+    import sys
+
+    ns = dict(vars(sys.modules[cls.__module__]))
+    ns.setdefault("UNetConfig", _resolve_unet_config())
+    return typing.get_type_hints(cls, globalns=ns)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _convert(tp: Any, value: Any, path: tuple[str, ...]) -> Any:
+    """Check ``value`` against the type ``tp`` and return it normalised (list -> tuple, int -> float,
+    ``"1e-4"`` -> 1e-4 for floats, mapping -> dataclass). Raises :class:`ConfigError` at ``path``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(path, f"must be one of {choices}; got {value!r}")
+        return value
+    if origin in _UNION_TYPES:
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(path, f"must not be null (expected {_type_name(tp)})")
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, path)
+            except ConfigError as e:
+                errors.append(e.problem)
+        if len(options) == 1:
+            raise ConfigError(path, errors[0])
+        raise ConfigError(path, f"expected {_type_name(tp)}; got {_describe(value)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, path=path)
+    if origin is tuple or tp is tuple:
+        if isinstance(value, (str, bytes, Mapping)):
+            raise ConfigError(path, f"expected a list; got {_describe(value)}")
+        if not isinstance(value, Sequence):
+            if len(args) == 2 and args[1] is Ellipsis:  # a bare scalar for a variadic tuple
+                value = [value]
+            else:
+                raise ConfigError(path, f"expected a list; got {_describe(value)}")
+        if not args:
+            return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, (*path[:-1], f"{path[-1]}[{i}]")) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(path, f"expected a list of {len(args)} items; got {len(value)}")
+        items = enumerate(zip(args, value, strict=True))
+        return tuple(_convert(a, v, (*path[:-1], f"{path[-1]}[{i}]")) for i, (a, v) in items)
+    if origin is list or tp is list:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ConfigError(path, f"expected a list; got {_describe(value)}")
+        item = args[0] if args else Any
+        return [_convert(item, v, (*path[:-1], f"{path[-1]}[{i}]")) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a mapping; got {_describe(value)}")
+        kt, vt = args if args else (Any, Any)
+        return {_convert(kt, k, path): _convert(vt, v, (*path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false; got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(path, f"expected an integer; got {_describe(value)}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(path, f"expected an integer; got {_describe(value)}") from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, f"expected an integer; got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(path, f"expected a number; got {_describe(value)}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, f"expected a number; got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string; got {_describe(value)}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(path, f"expected a path; got {_describe(value)}")
+        return Path(value)
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            raise ConfigError(path, f"expected {tp.__name__}; got {_describe(value)}")
+        return value
+    return value  # an annotation this converter does not know: accept as is
+
+
+def _init_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _unknown_key(cls: type, key: Any, path: tuple[str, ...]) -> ConfigError:
+    names = [f.name for f in _init_fields(cls)]
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    hint = f"did you mean '{'.'.join((*path, close[0]))}'? " if close else ""
+    return ConfigError(
+        (*path, str(key)),
+        f"unknown key; {hint}valid keys{' in ' + '.'.join(path) if path else ''}: {', '.join(names)}",
+    )
+
+
+def from_dict(cls: type, data: Any, *, path: Sequence[str] = ()) -> Any:
+    """Build dataclass ``cls`` from a (nested) mapping, converting and validating every value.
+
+    Missing keys take the field defaults; unknown keys, wrong types and invalid values raise
+    :class:`ConfigError` with the dotted key under ``path``.
+    """
+    path = tuple(path)
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"expected a mapping of {cls.__name__} fields; got {_describe(data)}")
+    fields = {f.name: f for f in _init_fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(cls, key, path)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(path, f"missing required key(s): {', '.join(missing)}")
+    hints = _hints(cls)
+    kwargs = {k: _convert(hints[k], v, (*path, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.under(*path) from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(path, str(e)) from e
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain YAML-safe data (tuples -> lists, paths -> strings)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def _normalise(self: Any) -> None:
+    """``__post_init__`` helper: convert every field to its declared type (a frozen-safe setattr)."""
+    hints = _hints(type(self))
+    for f in _init_fields(type(self)):
+        value = getattr(self, f.name)
+        new = _convert(hints[f.name], value, (f.name,))
+        if new is not value:
+            object.__setattr__(self, f.name, new)
+
+
+def _require(self: Any, ok: bool, name: str, problem: str) -> None:
+    """Raise a :class:`ConfigError` at field ``name`` of ``self`` unless ``ok``."""
+    if not ok:
+        raise ConfigError((name,), f"{problem}; got {getattr(self, name)!r}")
+
+
+# ============================================================================ the sections
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The noise process, the network's parameterisation and the training loss (Ho 2020; Nichol 2021)."""
+
+    # T, the number of diffusion steps of the original process
+    steps: int = 1000
+    # beta schedule: DDPM's linear or IDDPM's cosine
+    schedule: Literal["linear", "cosine"] = "linear"
+    # what the network predicts for the mean
+    mean_type: Literal["eps", "x0", "v"] = "eps"
+    # sigma_t^2: beta~, beta, or learned interpolation
+    var_type: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_large"
+    # L_simple, L_simple + lambda*L_vlb, L_vlb, L_vlb * T/1000
+    loss_type: Literal["mse", "hybrid", "kl", "rescaled_kl"] = "mse"
+    # how training draws t (IDDPM importance sampling)
+    timestep_sampler: Literal["uniform", "loss_second_moment"] = "uniform"
+    # hybrid: scale the VLB term by T/1000 (the official RESCALED_MSE, lambda = 0.001)
+    rescale_learned_sigmas: bool = True
+    # classifier-free guidance: probability of dropping the class label in training
+    p_uncond: float = 0.0
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        _require(self, self.steps >= 1, "steps", "must be >= 1")
+        _require(self, 0.0 <= self.p_uncond <= 1.0, "p_uncond", "must be in [0, 1]")
+        if self.loss_type == "hybrid" and self.var_type != "learned_range":
+            raise ConfigError(("loss_type",), "'hybrid' trains the variance: set var_type to 'learned_range'")
+        if self.loss_type == "mse" and self.var_type == "learned_range":
+            raise ConfigError(
+                ("loss_type",),
+                "a learned variance is trained by the VLB term: "
+                "use loss_type 'hybrid', 'kl' or 'rescaled_kl'",
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on; see :func:`difflab.data.build_dataset`."""
+
+    # built-in MNIST-5k / sklearn digits, or files
+    source: Literal["mnist5k", "digits", "folder", "npz"] = "mnist5k"
+    # image folder or .npz file (sources 'folder' and 'npz')
+    path: str | None = None
+    # side of the square training images; MNIST / digits / npz are padded up with -1
+    image_size: int = 32
+    # 1 or 3; null = from the data (a folder mixing grey and colour is an error)
+    channels: int | None = None
+    # mnist5k / digits split (null = train); folders and npz are one set
+    split: Literal["train", "test", "all"] | None = None
+    # horizontal flips with p = 0.5, reproducible from (seed, epoch, index)
+    random_flip: bool = False
+    # feed labels to the network (needs labelled data)
+    class_cond: bool = False
+    # folder: a broken file among good ones is skipped with a warning, or an error
+    on_broken: Literal["skip", "raise"] = "skip"
+    # folder: keep the decoded, resized images in memory
+    cache: bool = False
+    # DataLoader worker processes (0 = load in the training process)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        _require(self, self.image_size >= 1, "image_size", "must be >= 1")
+        _require(self, self.channels in (None, 1, 3), "channels", "must be 1, 3 or null")
+        _require(self, self.num_workers >= 0, "num_workers", "must be >= 0")
+        if self.source in ("folder", "npz") and not self.path:
+            raise ConfigError(("path",), f"source '{self.source}' needs a path")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser (AdamW, as the official code), batch, EMA, logging and checkpoint cadence."""
+
+    # AdamW learning rate after warmup
+    lr: float = 1e-4
+    # AdamW decoupled weight decay
+    weight_decay: float = 0.0
+    # AdamW (beta1, beta2)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    # linear learning-rate warmup from 0 over this many steps
+    warmup_steps: int = 0
+    # global batch (all ranks together)
+    batch_size: int = 128
+    # split each batch into chunks of this size (gradient accumulation); null = off
+    microbatch: int | None = None
+    # clip the global gradient norm to this; null = off
+    grad_clip: float | None = None
+    # one EMA of the weights per rate: targ = rate*targ + (1-rate)*src
+    ema_rates: tuple[float, ...] = (0.9999,)
+    # optimiser steps to train for
+    max_steps: int = 100_000
+    # steps between metric lines in metrics.jsonl
+    log_every: int = 100
+    # steps between checkpoints (one is always written at the end)
+    save_every: int = 10_000
+    # steps between sample grids; 0 = never
+    sample_every: int = 0
+    # checkpoints kept in the run folder (older ones are deleted)
+    keep_last: int = 3
+    # seeds parameters init, data order, flips, timesteps and noise
+    seed: int = 0
+    # run the network under bf16 autocast (CUDA only; weights and EMA stay float32)
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        _require(self, self.lr > 0, "lr", "must be > 0")
+        _require(self, self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self, all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "each must be in [0, 1)")
+        _require(self, self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self, self.batch_size >= 1, "batch_size", "must be >= 1")
+        mb_ok = self.microbatch is None or 1 <= self.microbatch <= self.batch_size
+        _require(self, mb_ok, "microbatch", f"must be null or in [1, batch_size={self.batch_size}]")
+        _require(self, self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be null or > 0")
+        _require(self, all(0 <= r < 1 for r in self.ema_rates), "ema_rates", "each must be in [0, 1)")
+        _require(self, len(set(self.ema_rates)) == len(self.ema_rates), "ema_rates", "must be distinct")
+        _require(self, self.max_steps >= 0, "max_steps", "must be >= 0")
+        _require(self, self.log_every >= 1, "log_every", "must be >= 1")
+        _require(self, self.save_every >= 1, "save_every", "must be >= 1")
+        _require(self, self.sample_every >= 0, "sample_every", "must be >= 0 (0 = never)")
+        _require(self, self.keep_last >= 1, "keep_last", "must be >= 1")
+        _require(self, self.seed >= 0, "seed", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How ``difflab sample`` draws images from a trained run."""
+
+    # samplers/<name>.py
+    sampler: Literal["ancestral", "ddim", "dpm_solver"] = "ancestral"
+    # network evaluations via respacing; null = all T steps
+    steps: int | None = None
+    # DDIM: 0 = deterministic, 1 = ancestral-like noise
+    eta: float = 0.0
+    # number of images to draw
+    n: int = 64
+    # images per network call
+    batch: int = 64
+    # clip the predicted x0 to [-1, 1] at each step
+    clip_denoised: bool = True
+    # classifier-free guidance weight w: (1+w)*eps_c - w*eps_u; 0 = off
+    guidance_scale: float = 0.0
+    # sample from this EMA (null = the first of train.ema_rates)
+    ema_rate: float | None = None
+    # seeds the sampling noise
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        _require(self, self.steps is None or self.steps >= 1, "steps", "must be null or >= 1")
+        _require(self, self.eta >= 0, "eta", "must be >= 0")
+        _require(self, self.n >= 1, "n", "must be >= 1")
+        _require(self, self.batch >= 1, "batch", "must be >= 1")
+        _require(self, self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
+        _require(self, self.seed >= 0, "seed", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: network, diffusion, data, training and sampling."""
+
+    # the network (difflab.nn.unet.UNetConfig); YAML may say {preset: NAME, ...overrides}
+    model: UNetConfig
+    # noise process and loss
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # training data
+    data: DataConfig = field(default_factory=DataConfig)
+    # optimisation and checkpoints
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # sampling defaults
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, Mapping):
+            object.__setattr__(self, "model", resolve_model_section(self.model))
+        _normalise(self)
+        if self.diffusion.p_uncond > 0 and not self.data.class_cond:
+            raise ConfigError(("diffusion", "p_uncond"), "label dropout needs data.class_cond: true")
+        if self.sample.steps is not None and self.sample.steps > self.diffusion.steps:
+            raise ConfigError(
+                ("sample", "steps"), f"must be <= diffusion.steps={self.diffusion.steps}",
+            )
+        rate = self.sample.ema_rate
+        if rate is not None and rate not in self.train.ema_rates:
+            rates = list(self.train.ema_rates)
+            raise ConfigError(("sample", "ema_rate"), f"must be one of train.ema_rates {rates}; got {rate}")
+
+
+# ============================================================================ model presets
+
+
+def _preset_model(name: str) -> Any:
+    """The ``UNetConfig`` registered under ``name`` in :mod:`difflab.nn.presets`."""
+    try:
+        from difflab.nn import presets
+    except ImportError as e:
+        raise ConfigError(("model", "preset"), f"no presets available ({e})") from None
+    getter = getattr(presets, "get_preset", None)
+    table = getattr(presets, "PRESETS", None)
+    names = sorted(table) if isinstance(table, Mapping) else []
+    try:
+        if getter is not None:
+            return getter(name)
+        if isinstance(table, Mapping):
+            return table[name]
+    except (KeyError, ValueError):
+        pass
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(("model", "preset"), f"unknown preset {name!r}; {hint}valid: {', '.join(names)}")
+
+
+def resolve_model_section(section: Mapping[str, Any]) -> Any:
+    """``{preset: NAME, **overrides}`` -> the preset's config with the overrides applied (nested
+    mappings merge key by key); a section without ``preset`` is the config's fields."""
+    section = dict(section)
+    cls = _hints(Config)["model"]
+    name = section.pop("preset", None)
+    if name is None:
+        return from_dict(cls, section, path=("model",)) if dataclasses.is_dataclass(cls) else section
+    base = _preset_model(str(name))
+    if callable(base) and not dataclasses.is_dataclass(base):
+        base = base()
+    merged = _deep_merge(to_dict(base), section)
+    return from_dict(type(base), merged, path=("model",))
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+# ============================================================================ YAML in / out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``KEY.PATH=VALUE`` strings to a raw config mapping (values parsed with ``yaml.safe_load``,
+    so ``true``, ``3``, ``[0.9999, 0.999]``, ``null`` work). Returns a new mapping."""
+    out = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError((), f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(tuple(key.split(".")), f"cannot parse override value {raw!r} ({e})") from None
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(tuple(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
+            else:
+                child = node[part] = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """A validated :class:`Config` from a raw mapping plus dotted overrides."""
+    return from_dict(Config, apply_overrides(dict(data or {}), overrides))
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``overrides`` (``["train.lr=1e-4", ...]``) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError((), f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError((), f"{path}: not valid YAML ({e})") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError((), f"{path}: expected a mapping of sections at the top level")
+    try:
+        return config_from_dict(data or {}, overrides)
+    except ConfigError as e:
+        raise ConfigError(e.path, f"{e.problem} (in {path})") from None
+
+
+def dump_config(cfg: Any) -> str:
+    """YAML text of a config dataclass, every field explicit, in declaration order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML to ``path`` atomically (a crash never leaves a half-written file)."""
+    from difflab.fileio import atomic_write_text
+
+    atomic_write_text(path, dump_config(cfg))
+
+
+def override(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A new :class:`Config`: ``cfg`` with dotted ``overrides`` applied and everything re-validated."""
+    return config_from_dict(to_dict(cfg), overrides)

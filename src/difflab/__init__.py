@@ -1,3 +1,42 @@
-"""difflab: pixel-space diffusion models exact to the papers and the official OpenAI code."""
+"""difflab: pixel-space diffusion models exact to the papers and the official OpenAI code.
+
+The process math is importable under the official OpenAI names::
+
+    from difflab import Process, Parameterization, Denoiser, q_sample, training_losses, calc_bpd_loop
+"""
+
+from difflab.denoiser import Denoiser, p_mean_variance
+from difflab.likelihood import calc_bpd_loop, prior_bpd
+from difflab.losses import (
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    training_losses,
+    vb_terms_bpd,
+)
+from difflab.prediction import Parameterization, PMeanVar
+from difflab.process import (
+    Process,
+    get_v,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    predict_x0_from_v,
+    q_mean_variance,
+    q_posterior_mean_variance,
+    q_sample,
+)
+from difflab.samplers import ddim_invert, ddim_reverse_sample, ddim_sample, p_sample, sample_ancestral, sample_ddim
+from difflab.schedules import betas_for_alpha_bar, get_named_beta_schedule, space_timesteps
+from difflab.timesteps import LossSecondMomentResampler, UniformSampler, create_timestep_sampler
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Denoiser", "Parameterization", "PMeanVar", "Process",
+    "betas_for_alpha_bar", "get_named_beta_schedule", "space_timesteps",
+    "q_sample", "q_mean_variance", "q_posterior_mean_variance", "p_mean_variance",
+    "predict_x0_from_eps", "predict_eps_from_x0", "predict_x0_from_v", "get_v",
+    "normal_kl", "discretized_gaussian_log_likelihood", "training_losses", "vb_terms_bpd",
+    "calc_bpd_loop", "prior_bpd",
+    "p_sample", "sample_ancestral", "ddim_sample", "ddim_reverse_sample", "sample_ddim", "ddim_invert",
+    "UniformSampler", "LossSecondMomentResampler", "create_timestep_sampler",
+]

@@ -14,7 +14,6 @@ Notation map (code -> paper):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -33,7 +32,7 @@ from difflab.nn.layers import (
     zero_module,
 )
 
-__all__ = ["BackboneConfig", "UNetConfig", "UNet", "build_encoder_half", "config_from_dict"]
+__all__ = ["BackboneConfig", "UNetConfig", "UNet", "build_encoder_half"]
 
 
 def _bad(field: str, value: Any, valid: str) -> ValueError:
@@ -174,18 +173,6 @@ class UNetConfig(BackboneConfig):
             f = 2 ** (len(self.channel_mult) - 1)
             if not isinstance(self.image_size, int) or self.image_size % f:
                 raise _bad("image_size", self.image_size, f"None or a multiple of {f}")
-
-
-def config_from_dict(cls: type, d: dict) -> Any:
-    """Build a config dataclass from a plain dict (YAML), naming unknown keys; lists -> tuples."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(names)}")
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    cfg = cls(**kw)
-    cfg.validate()
-    return cfg
 
 
 def _attention(cfg: BackboneConfig, ch: int, encoder_channels: int | None = None) -> AttentionBlock:

@@ -1,0 +1,288 @@
+"""Official OpenAI checkpoints (improved-diffusion, guided-diffusion) -> difflab.
+
+Key mapping — a deliberate choice: difflab's ``UNet`` and ``Classifier`` name their submodules
+exactly as the official ``UNetModel`` / ``SuperResModel`` / ``EncoderUNetModel`` do (``time_embed``,
+``label_emb``, ``input_blocks.{i}.{j}``, ``middle_block``, ``output_blocks``, ``out``; inside blocks
+``in_layers``, ``emb_layers``, ``out_layers``, ``skip_connection``, ``norm``, ``qkv``, ``proj_out``,
+``op``, ``conv``, ``qkv_proj``, ``c_proj``, ``positional_embedding``) with the same
+``nn.Sequential`` indices. So the official -> difflab key map is the identity for every released
+U-Net, classifier and upsampler, and a user of the official code finds the same names here. The
+hook ``KEY_RENAMES`` (official prefix -> difflab prefix) is where later families that differ
+(GLIDE's ``transformer_proj`` -> ``cond_proj``, the text transformer) add their renames.
+
+What is checked: every key present on both sides, every shape equal; the error lists missing keys,
+unexpected keys, shape mismatches and the architecture flags the shapes point to (learn_sigma,
+num_classes, super-resolution input, use_scale_shift_norm, resblock_updown, ...). Flags that shapes
+cannot reveal (num_heads vs num_head_channels, the attention order) are checked against the official
+flags when they are given (``flags=``).
+
+Loading is safe: ``torch.load(..., weights_only=True)`` never unpickles code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from difflab.config import from_dict, save_config
+from difflab.fileio import atomic_write_with
+from difflab.nn.classifier import ClassifierConfig
+from difflab.nn.presets import build_network, config_from_official_flags, get_preset
+from difflab.nn.unet import UNetConfig
+
+__all__ = [
+    "KEY_RENAMES",
+    "official_to_difflab_key",
+    "map_official_state_dict",
+    "check_state_dict",
+    "check_flags",
+    "load_official_state_dict",
+    "convert_checkpoint",
+    "save_converted",
+    "load_converted",
+]
+
+# Official key prefix -> difflab key prefix. Empty: improved-/guided-diffusion keys are difflab keys.
+KEY_RENAMES: dict[str, str] = {}
+
+_MAX_LISTED = 12
+
+
+def official_to_difflab_key(key: str) -> str:
+    """The difflab state-dict key of an official key (identity unless a ``KEY_RENAMES`` prefix applies)."""
+    for old, new in KEY_RENAMES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def map_official_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename every key of an official state dict to its difflab key (values untouched)."""
+    return {official_to_difflab_key(k): v for k, v in sd.items()}
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"{title} ({len(items)}): {shown}{more}"
+
+
+def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
+    return tuple(sd[key].shape) if key in sd else None
+
+
+def _count(sd: Mapping[str, Any], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return sum(1 for k in sd if rx.fullmatch(k))
+
+
+def _hints(model_sd: Mapping[str, Any], ckpt: Mapping[str, Any]) -> list[str]:
+    """Architecture flags evident from the shapes and key layout of the two state dicts."""
+    hints = []
+    mo, co = _shape(model_sd, "out.2.weight"), _shape(ckpt, "out.2.weight")
+    if mo and co and mo[0] != co[0]:
+        hints.append(f"output channels: checkpoint {co[0]}, model {mo[0]} (learn_sigma / out_channels)")
+    mo, co = _shape(model_sd, "out.2.c_proj.weight"), _shape(ckpt, "out.2.c_proj.weight")
+    if mo and co and mo[0] != co[0]:
+        hints.append(f"classifier outputs: checkpoint {co[0]}, model {mo[0]} (out_channels)")
+    ml, cl = _shape(model_sd, "label_emb.weight"), _shape(ckpt, "label_emb.weight")
+    if cl and not ml:
+        hints.append(f"checkpoint is class-conditional ({cl[0]} labels) but the model has num_classes=None")
+    elif ml and not cl:
+        hints.append(f"model is class-conditional ({ml[0]} labels) but the checkpoint is unconditional")
+    elif ml and cl and ml[0] != cl[0]:
+        hints.append(f"label_emb rows: checkpoint {cl[0]}, model {ml[0]} (num_classes / class_null)")
+    mi, ci = _shape(model_sd, "input_blocks.0.0.weight"), _shape(ckpt, "input_blocks.0.0.weight")
+    if mi and ci and mi[1] != ci[1]:
+        hints.append(f"input channels: checkpoint {ci[1]}, model {mi[1]} "
+                     "(in_channels / low_res_channels for super-resolution / inpaint)")
+    if mi and ci and mi[0] != ci[0]:
+        hints.append(f"first-level width: checkpoint {ci[0]}, model {mi[0]} (model_channels / channel_mult)")
+    mt, ct = _shape(model_sd, "time_embed.0.weight"), _shape(ckpt, "time_embed.0.weight")
+    if mt and ct and mt != ct:
+        hints.append(f"time_embed: checkpoint {list(ct)}, model {list(mt)} (model_channels)")
+    me, ce = _shape(model_sd, "middle_block.0.emb_layers.1.weight"), _shape(ckpt, "middle_block.0.emb_layers.1.weight")
+    mm, cm = _shape(model_sd, "middle_block.0.out_layers.3.weight"), _shape(ckpt, "middle_block.0.out_layers.3.weight")
+    if me and ce and mm and cm and (me[0] // mm[0]) != (ce[0] // cm[0]):
+        hints.append(f"use_scale_shift_norm: checkpoint {ce[0] // cm[0] == 2}, model {me[0] // mm[0] == 2}")
+    for side, sd in (("checkpoint", ckpt), ("model", model_sd)):
+        other = model_sd if sd is ckpt else ckpt
+        ops = {k.rsplit(".op.", 1)[0] for k in sd if ".op." in k}
+        res = {k for k in ops if any(o.startswith(k + ".in_layers") for o in other)}
+        if res:
+            hints.append(f"resblock_updown: the {side} has plain Downsample layers where the other has "
+                         f"residual up/down blocks ({sorted(res)[0]}, ...)")
+    ma, ca = _count(model_sd, r".*\.qkv\.weight"), _count(ckpt, r".*\.qkv\.weight")
+    if ma != ca:
+        hints.append(f"attention layers: checkpoint {ca}, model {ma} (attention_resolutions / num_res_blocks)")
+    mb, cb = _count(model_sd, r"input_blocks\.\d+\.0\.(weight|in_layers\.0\.weight|op\.weight)"), \
+        _count(ckpt, r"input_blocks\.\d+\.0\.(weight|in_layers\.0\.weight|op\.weight)")
+    mb2 = len({k.split(".")[1] for k in model_sd if k.startswith("input_blocks.")})
+    cb2 = len({k.split(".")[1] for k in ckpt if k.startswith("input_blocks.")})
+    if mb2 != cb2 and (mb or cb):
+        hints.append(f"input blocks: checkpoint {cb2}, model {mb2} (num_res_blocks / channel_mult levels)")
+    mk, ck = _count(model_sd, r".*encoder_kv\.weight"), _count(ckpt, r".*encoder_kv\.weight")
+    if mk != ck:
+        hints.append(f"encoder_kv layers: checkpoint {ck}, model {mk} (encoder_channels)")
+    return hints
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an official state dict onto ``model``'s keys and check every key and shape.
+
+    Works on a model built on the ``meta`` device (nothing is allocated or copied).
+
+    Returns:
+        the state dict under difflab keys.
+    Raises:
+        ValueError listing missing keys, unexpected keys, shape mismatches and the architecture
+        flags they point to.
+    """
+    mapped = map_official_state_dict(sd)
+    bad_values = [k for k, v in mapped.items() if not isinstance(v, torch.Tensor)]
+    if bad_values:
+        raise ValueError(_listing("state dict values that are not tensors", bad_values))
+    model_sd = model.state_dict()
+    missing = [k for k in model_sd if k not in mapped]
+    unexpected = [k for k in mapped if k not in model_sd]
+    shapes = [
+        f"{k} checkpoint {list(mapped[k].shape)} vs model {list(model_sd[k].shape)}"
+        for k in model_sd if k in mapped and tuple(mapped[k].shape) != tuple(model_sd[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = ["checkpoint does not fit the model"]
+        if missing:
+            parts.append(_listing("missing keys", missing))
+        if unexpected:
+            parts.append(_listing("unexpected keys", unexpected))
+        if shapes:
+            parts.append(_listing("shape mismatches", shapes))
+        hints = _hints(model_sd, mapped)
+        if hints:
+            parts.append("architecture: " + "; ".join(hints))
+        raise ValueError("; ".join(parts))
+    return mapped
+
+
+def check_flags(config: UNetConfig | ClassifierConfig, flags: Mapping[str, Any], family: str) -> None:
+    """Compare ``config`` with the config the official ``flags`` describe; ValueError lists differences.
+
+    Catches what shapes cannot (num_heads vs num_head_channels, use_new_attention_order, dropout).
+    ``use_checkpoint`` is ignored (it changes memory, not the function).
+    """
+    expected = config_from_official_flags(dict(flags), family)
+    if type(expected) is not type(config):
+        raise ValueError(f"flags describe a {type(expected).__name__}, the model is a {type(config).__name__}")
+    diffs = [
+        f"{f.name}: flags {getattr(expected, f.name)!r}, model {getattr(config, f.name)!r}"
+        for f in dataclasses.fields(config)
+        if f.name != "use_checkpoint" and getattr(expected, f.name) != getattr(config, f.name)
+    ]
+    if diffs:
+        raise ValueError("model config differs from the official flags: " + "; ".join(diffs))
+
+
+def load_official_state_dict(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    flags: Mapping[str, Any] | None = None,
+    family: str | None = None,
+) -> nn.Module:
+    """Load an official improved-/guided-diffusion state dict into a difflab ``UNet`` / ``Classifier``.
+
+    Args:
+        model: the difflab network (a ``meta``-device model is loaded with ``assign=True``).
+        sd: the official state dict (e.g. ``torch.load(path, map_location="cpu", weights_only=True)``).
+        flags, family: optionally the official flags and family (see ``config_from_official_flags``)
+            to also check the flags that shapes do not reveal.
+    Returns:
+        ``model``, with the weights loaded.
+    Raises:
+        ValueError naming every missing / unexpected key, shape mismatch or flag difference.
+    """
+    if flags is not None:
+        if family is None:
+            raise ValueError("family is required with flags; valid: improved-diffusion, guided-diffusion, "
+                             "guided-diffusion-classifier, guided-diffusion-sr")
+        check_flags(model.config, flags, family)
+    mapped = check_state_dict(model, sd)
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(mapped, strict=True, assign=on_meta)
+    return model
+
+
+def save_converted(
+    sd: Mapping[str, torch.Tensor],
+    config: UNetConfig | ClassifierConfig,
+    out_dir: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a difflab checkpoint folder: ``model.safetensors`` + ``config.yaml`` (atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in sd.items()}
+    atomic_write_with(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))
+    save_config(config, out / "config.yaml")  # dataclasses field by field, written atomically
+    return out
+
+
+def convert_checkpoint(
+    pt_path: str | os.PathLike,
+    preset_or_config: str | UNetConfig | ClassifierConfig,
+    out_dir: str | os.PathLike,
+) -> Path:
+    """Convert an official ``.pt`` state dict into a difflab checkpoint folder.
+
+    Args:
+        pt_path: the official checkpoint (a plain state dict saved with ``torch.save``).
+        preset_or_config: a preset name of ``difflab.nn.presets`` or a config.
+        out_dir: the folder to write ``model.safetensors`` and ``config.yaml`` into.
+    Returns:
+        ``out_dir`` as a Path.
+    Raises:
+        FileNotFoundError if ``pt_path`` does not exist; ValueError if it is not a state dict or does
+        not fit the config (listing what did not match).
+    """
+    path = Path(pt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or not a torch file
+        raise ValueError(f"cannot read {path} as a torch state dict with weights_only=True: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of key -> tensor)")
+    with torch.device("meta"):
+        model = build_network(config)
+    mapped = check_state_dict(model, sd)
+    meta = {"source": path.name, "format": "pt"}
+    if isinstance(preset_or_config, str):
+        meta["preset"] = preset_or_config
+    return save_converted(mapped, config, out_dir, metadata=meta)
+
+
+def load_converted(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the network of a difflab checkpoint folder and load its ``model.safetensors`` (strict)."""
+    out = Path(out_dir)
+    cfg_path, w_path = out / "config.yaml", out / "model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"not a difflab checkpoint folder, {p.name} missing: {out}")
+    d = yaml.safe_load(cfg_path.read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path} is not a mapping of config fields")
+    config = from_dict(ClassifierConfig if "pool" in d else UNetConfig, d)
+    model = build_network(config)
+    model.load_state_dict(load_file(str(w_path), device=str(device)), strict=True)
+    return model.to(device)

@@ -38,6 +38,8 @@ __all__ = [
     "RELEASED_FLAGS",
     "PRESETS",
     "config_from_official_flags",
+    "config_from_official_kwargs",
+    "family_of",
     "get_preset",
     "build_network",
 ]
@@ -165,6 +167,54 @@ def config_from_official_flags(flags: dict[str, Any], family: str) -> UNetConfig
         num_classes=NUM_CLASSES if f["class_cond"] else None,
         low_res_channels=3 if family == "guided-diffusion-sr" else 0, image_size=size,
     )
+
+
+_OFFICIAL_CLASSES = {
+    "improved_diffusion.unet.UNetModel": "unet",
+    "improved_diffusion.unet.SuperResModel": "superres",
+    "guided_diffusion.unet.UNetModel": "unet",
+    "guided_diffusion.unet.SuperResModel": "superres",
+    "guided_diffusion.unet.EncoderUNetModel": "classifier",
+}
+
+
+def config_from_official_kwargs(class_name: str, kwargs: dict[str, Any]) -> UNetConfig | ClassifierConfig:
+    """The difflab config of an official network constructor call ``class_name(**kwargs)``.
+
+    Args:
+        class_name: e.g. ``"guided_diffusion.unet.UNetModel"`` (see ``_OFFICIAL_CLASSES``).
+        kwargs: the constructor keyword arguments (``attention_resolutions`` as downsample rates).
+    """
+    if class_name not in _OFFICIAL_CLASSES:
+        raise ValueError(f"unsupported official class {class_name!r}; valid: {', '.join(_OFFICIAL_CLASSES)}")
+    kind = _OFFICIAL_CLASSES[class_name]
+    kw = dict(kwargs)
+    if kw.pop("dims", 2) != 2:
+        raise ValueError("only dims=2 (images) is supported")
+    if kw.pop("num_heads_upsample", -1) not in (-1, kw.get("num_heads", 1)):
+        raise ValueError("num_heads_upsample other than -1 (deprecated officially) is not supported")
+    kw.pop("use_fp16", None)
+    common = dict(
+        in_channels=kw.pop("in_channels"), model_channels=kw.pop("model_channels"),
+        channel_mult=tuple(kw.pop("channel_mult", (1, 2, 4, 8))), num_res_blocks=kw.pop("num_res_blocks"),
+        attention_resolutions=tuple(kw.pop("attention_resolutions")), num_heads=kw.pop("num_heads", 1),
+        num_head_channels=kw.pop("num_head_channels", -1),
+        use_new_attention_order=kw.pop("use_new_attention_order", False), dropout=float(kw.pop("dropout", 0.0)),
+        use_scale_shift_norm=kw.pop("use_scale_shift_norm", False), resblock_updown=kw.pop("resblock_updown", False),
+        conv_resample=kw.pop("conv_resample", True), use_checkpoint=kw.pop("use_checkpoint", False),
+    )
+    out_channels = kw.pop("out_channels")
+    if kind == "classifier":
+        cfg: UNetConfig | ClassifierConfig = ClassifierConfig(
+            **common, image_size=kw.pop("image_size"), out_channels=out_channels, pool=kw.pop("pool", "adaptive"))
+    else:
+        cfg = UNetConfig(
+            **common, out_channels=out_channels, num_classes=kw.pop("num_classes", None),
+            low_res_channels=common["in_channels"] if kind == "superres" else 0, image_size=kw.pop("image_size", None))
+    if kw:
+        raise ValueError(f"unsupported argument(s) of {class_name}: {sorted(kw)}")
+    cfg.validate()
+    return cfg
 
 
 def family_of(name: str) -> str:

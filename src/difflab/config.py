@@ -118,6 +118,8 @@ def _convert(tp: Any, value: Any, path: tuple[str, ...]) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, Mapping) and "preset" in value and "preset" not in _field_names(tp):
+            return _from_preset(tp, value, path)
         return from_dict(tp, value, path=path)
     if origin is tuple or tp is tuple:
         if isinstance(value, (str, bytes, Mapping)):
@@ -194,6 +196,10 @@ def _init_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init]
 
 
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in _init_fields(cls)]
+
+
 def _unknown_key(cls: type, key: Any, path: tuple[str, ...]) -> ConfigError:
     names = [f.name for f in _init_fields(cls)]
     close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
@@ -231,7 +237,11 @@ def from_dict(cls: type, data: Any, *, path: Sequence[str] = ()) -> Any:
     hints = _hints(cls)
     kwargs = {k: _convert(hints[k], v, (*path, k)) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)  # configs that check themselves on request (UNetConfig)
+        if callable(validate):
+            validate()
+        return obj
     except ConfigError as e:
         raise e.under(*path) from None
     except (ValueError, TypeError) as e:
@@ -461,40 +471,33 @@ class Config:
 # ============================================================================ model presets
 
 
-def _preset_model(name: str) -> Any:
-    """The ``UNetConfig`` registered under ``name`` in :mod:`difflab.nn.presets`."""
+def _preset(name: str, path: tuple[str, ...]) -> Any:
+    """The network config registered under ``name`` in :mod:`difflab.nn.presets`."""
     try:
-        from difflab.nn import presets
+        from difflab.nn.presets import PRESETS
     except ImportError as e:
-        raise ConfigError(("model", "preset"), f"no presets available ({e})") from None
-    getter = getattr(presets, "get_preset", None)
-    table = getattr(presets, "PRESETS", None)
-    names = sorted(table) if isinstance(table, Mapping) else []
-    try:
-        if getter is not None:
-            return getter(name)
-        if isinstance(table, Mapping):
-            return table[name]
-    except (KeyError, ValueError):
-        pass
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(("model", "preset"), f"unknown preset {name!r}; {hint}valid: {', '.join(names)}")
+        raise ConfigError((*path, "preset"), f"no presets available ({e})") from None
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError((*path, "preset"), f"unknown preset {name!r}; {hint}valid: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _from_preset(cls: type, section: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """``{preset: NAME, **overrides}`` -> preset NAME with the overrides applied (nested mappings
+    merge key by key), validated as ``cls``."""
+    section = dict(section)
+    name = section.pop("preset")
+    base = _preset(str(name), path)
+    if not isinstance(base, cls):
+        raise ConfigError((*path, "preset"), f"{name!r} is a {type(base).__name__}, not a {cls.__name__}")
+    return from_dict(type(base), _deep_merge(to_dict(base), section), path=path)
 
 
 def resolve_model_section(section: Mapping[str, Any]) -> Any:
-    """``{preset: NAME, **overrides}`` -> the preset's config with the overrides applied (nested
-    mappings merge key by key); a section without ``preset`` is the config's fields."""
-    section = dict(section)
-    cls = _hints(Config)["model"]
-    name = section.pop("preset", None)
-    if name is None:
-        return from_dict(cls, section, path=("model",)) if dataclasses.is_dataclass(cls) else section
-    base = _preset_model(str(name))
-    if callable(base) and not dataclasses.is_dataclass(base):
-        base = base()
-    merged = _deep_merge(to_dict(base), section)
-    return from_dict(type(base), merged, path=("model",))
+    """The ``model`` section as a config: ``{preset: NAME, **overrides}`` or the explicit fields."""
+    return _convert(_hints(Config)["model"], section, ("model",))
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -232,10 +232,13 @@ class _ImageDataset(torch.utils.data.Dataset):
         """uint8 images ``[len(indices), H, W, C]`` at their stored size."""
         raise NotImplementedError
 
-    def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(
+        self, indices: Sequence[int] | np.ndarray, epoch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectorised fetch: ``(x float32 [B, C, S, S] in [-1, 1], labels int64 [B])``.
 
-        Equal to stacking ``self[i]`` for ``i`` in ``indices``; no DataLoader needed for in-memory data.
+        Equal to stacking ``self[i]``; flips are those of ``epoch`` (default: the one set by
+        :meth:`set_epoch`). No DataLoader needed for in-memory data.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
@@ -243,15 +246,30 @@ class _ImageDataset(torch.utils.data.Dataset):
         idx = idx % max(len(self), 1)
         x = uint8_to_float(self._raw(idx))
         if self.random_flip:
-            flip = torch.from_numpy(_flip_bits(self.flip_seed, self.epoch, idx))
+            e = self.epoch if epoch is None else int(epoch)
+            flip = torch.from_numpy(_flip_bits(self.flip_seed, e, idx))
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = pad_to(x, self.image_size)
         return x, torch.from_numpy(self._labels()[idx].copy())
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.get_batch([int(i)])
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``i``, or ``(epoch, i)``: item i with that epoch's flip (what
+        :class:`difflab.train.distributed.OrderBatchSampler` yields)."""
+        epoch, i = (None, i) if not isinstance(i, (tuple, list)) else i
+        x, y = self.get_batch([int(i)], epoch)
         return x[0], y[0]
+
+    def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A DataLoader batch in one vectorised fetch (items as in :meth:`__getitem__`)."""
+        pairs = [(None, int(it)) if not isinstance(it, (tuple, list)) else (it[0], int(it[1])) for it in items]
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pairs)
+        for epoch in dict.fromkeys(e for e, _ in pairs):
+            positions = [p for p, (e, _) in enumerate(pairs) if e == epoch]
+            x, y = self.get_batch([pairs[p][1] for p in positions], epoch)
+            for j, p in enumerate(positions):
+                out[p] = (x[j], y[j])
+        return out
 
 
 class ArrayImageDataset(_ImageDataset):

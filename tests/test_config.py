@@ -1,0 +1,157 @@
+"""Config: YAML round trip, overrides, presets and every kind of validation error."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from difflab.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    override,
+    save_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = {"model": {"preset": "mnist-tiny"}}
+
+
+def test_round_trip_save_load_equal(tmp_path):
+    cfg = config_from_dict(
+        {
+            "model": {"preset": "mnist-small", "dropout": 0.0, "channel_mult": [1, 2, 4]},
+            "diffusion": {"schedule": "cosine", "var_type": "learned_range", "loss_type": "hybrid"},
+            "data": {"source": "digits", "image_size": 8, "class_cond": True},
+            "train": {"lr": "2e-4", "ema_rates": [0.9999, 0.999], "microbatch": 16, "grad_clip": 1.0},
+            "sample": {"sampler": "ddim", "steps": 50},
+        }
+    )
+    path = tmp_path / "c.yaml"
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert isinstance(again.train.ema_rates, tuple) and again.train.ema_rates == (0.9999, 0.999)
+    assert again.train.lr == 2e-4
+    assert again.model.channel_mult == (1, 2, 4) and again.model.dropout == 0.0
+    # the saved file is explicit: no preset reference remains, every field is written
+    raw = yaml.safe_load(path.read_text())
+    assert "preset" not in raw["model"] and raw["model"]["model_channels"] == 32
+    assert set(raw["train"]) == {f for f in TrainConfig.__dataclass_fields__}
+
+
+def test_overrides_parse_yaml_values_and_nest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    cfg = load_config(
+        path,
+        overrides=[
+            "train.lr=1e-4",
+            "train.ema_rates=[0.5, 0.25]",
+            "train.bf16=true",
+            "sample.steps=null",
+            "diffusion.steps=4000",
+            "model.dropout=0.3",
+            "data.path=/some/where",
+            "data.source=folder",
+        ],
+    )
+    assert cfg.train.lr == 1e-4 and cfg.train.ema_rates == (0.5, 0.25) and cfg.train.bf16 is True
+    assert cfg.sample.steps is None and cfg.diffusion.steps == 4000
+    assert cfg.model.dropout == 0.3 and cfg.model.model_channels == 16  # preset kept, one field changed
+    assert cfg.data.path == "/some/where"
+    changed = override(cfg, ["train.seed=7"])
+    assert changed.train.seed == 7 and changed.train.lr == cfg.train.lr and changed != cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["train.lrr=1"], "train.lrr", ["unknown key", "did you mean 'train.lr'"]),
+        (["diffusion.shedule=cosine"], "diffusion.shedule", ["did you mean 'diffusion.schedule'"]),
+        (["trian.lr=1"], "trian", ["did you mean 'train'"]),
+        (["model.model_channel=8"], "model.model_channel", ["did you mean 'model.model_channels'"]),
+        (["diffusion.schedule=cosin"], "diffusion.schedule", ["'linear'", "'cosine'"]),
+        (["diffusion.mean_type=score"], "diffusion.mean_type", ["'eps'", "'x0'", "'v'"]),
+        (["diffusion.var_type=learned"], "diffusion.var_type", ["'fixed_small'", "'fixed_large'", "'learned_range'"]),
+        (["diffusion.loss_type=l1"], "diffusion.loss_type", ["'mse'", "'hybrid'", "'kl'", "'rescaled_kl'"]),
+        (["diffusion.timestep_sampler=x"], "diffusion.timestep_sampler", ["'uniform'", "'loss_second_moment'"]),
+        (["data.source=cifar"], "data.source", ["'mnist5k'", "'digits'", "'folder'", "'npz'"]),
+        (["sample.sampler=euler"], "sample.sampler", ["'ancestral'", "'ddim'"]),
+        (["diffusion.steps=-5"], "diffusion.steps", [">= 1", "-5"]),
+        (["train.lr=0"], "train.lr", ["> 0"]),
+        (["train.lr=-1e-4"], "train.lr", ["> 0"]),
+        (["diffusion.p_uncond=1.5", "data.class_cond=true"], "diffusion.p_uncond", ["[0, 1]", "1.5"]),
+        (["diffusion.p_uncond=-0.1", "data.class_cond=true"], "diffusion.p_uncond", ["[0, 1]"]),
+        (["train.batch_size=many"], "train.batch_size", ["integer", "'many'"]),
+        (["train.batch_size=2.5"], "train.batch_size", ["integer"]),
+        (["train.bf16=1"], "train.bf16", ["true or false"]),
+        (["train.lr=fast"], "train.lr", ["number"]),
+        (["train.ema_rates=[0.9, 1.0]"], "train.ema_rates", ["[0, 1)"]),
+        (["train.ema_rates=[0.9, x]"], "train.ema_rates[1]", ["number"]),
+        (["train.adam_betas=[0.9]"], "train.adam_betas", ["2 items"]),
+        (["train.microbatch=999"], "train.microbatch", ["batch_size=128"]),
+        (["train.keep_last=0"], "train.keep_last", [">= 1"]),
+        (["sample.steps=2000"], "sample.steps", ["diffusion.steps=1000"]),
+        (["sample.ema_rate=0.5"], "sample.ema_rate", ["0.9999"]),
+        (["diffusion.p_uncond=0.1"], "diffusion.p_uncond", ["class_cond"]),
+        (["diffusion.loss_type=hybrid"], "diffusion.loss_type", ["learned_range"]),
+        (["data.channels=2"], "data.channels", ["1, 3 or null"]),
+        (["data.source=npz"], "data.path", ["needs a path"]),
+        (["model.preset=mnist-tinyy"], "model.preset", ["did you mean 'mnist-tiny'", "ddpm-cifar10"]),
+        (["model.num_res_blocks=0"], "model", ["num_res_blocks"]),
+        (["train=3"], "train", ["mapping"]),
+        (["train.lr.x=3"], "train.lr", ["expected a number"]),
+        (["train.lr=1", "train.lr.x=3"], "train.lr", ["not a section"]),
+    ],
+)
+def test_errors_name_the_key_and_the_choices(overrides, key, words):
+    with pytest.raises(ValueError) as info:
+        config_from_dict(TINY, overrides)
+    msg = str(info.value)
+    assert isinstance(info.value, ConfigError)
+    assert msg.startswith(key + ":"), msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="section.key=value"):
+        config_from_dict(TINY, ["train.lr"])
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {preset: mnist-tiny}\ntrain: {lr: 0}\n")
+    with pytest.raises(ValueError, match=r"train\.lr: must be > 0.*bad\.yaml"):
+        load_config(bad)
+
+
+def test_direct_construction_validates_and_normalises():
+    with pytest.raises(ConfigError, match="p_uncond"):
+        DiffusionConfig(p_uncond=2.0)
+    with pytest.raises(ConfigError, match="'linear', 'cosine'"):
+        DiffusionConfig(schedule="cosin")
+    t = TrainConfig(ema_rates=[0.9], lr=1)
+    assert t.ema_rates == (0.9,) and isinstance(t.lr, float)
+    assert DataConfig(source="digits").split is None
+
+
+def test_model_section_explicit_fields_and_wrong_preset_kind():
+    cfg = config_from_dict({"model": {"in_channels": 1, "model_channels": 8, "num_groups": 8}})
+    assert cfg.model.in_channels == 1 and cfg.model.model_channels == 8
+    with pytest.raises(ValueError, match="ClassifierConfig, not a UNetConfig"):
+        config_from_dict({"model": {"preset": "guided-diffusion/64x64_classifier"}})
+    with pytest.raises(ValueError, match="missing required key"):
+        config_from_dict({})
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    save_config(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg

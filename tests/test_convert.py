@@ -1,0 +1,139 @@
+"""Checkpoint conversion: bad state dicts are named precisely; .pt -> safetensors round trip; CLI."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difflab.cli import main
+from difflab.convert import (
+    check_flags,
+    convert_checkpoint,
+    load_converted,
+    load_official_state_dict,
+)
+from difflab.nn.presets import RELEASED_FLAGS, build_network, config_from_official_kwargs, get_preset
+
+
+def fixture(fixtures_dir, name):
+    meta = json.loads((fixtures_dir / "models" / f"{name}.json").read_text())
+    tensors = load_file(str(fixtures_dir / "models" / f"{name}.safetensors"))
+    return meta, {k[3:]: v for k, v in tensors.items() if k.startswith("sd.")}
+
+
+def build(meta, **over):
+    return build_network(config_from_official_kwargs(meta["class"], {**meta["kwargs"], **over}))
+
+
+def test_missing_extra_and_wrong_shape_are_listed(fixtures_dir):
+    meta, sd = fixture(fixtures_dir, "guided_unet_adm_neworder0")
+    bad = dict(sd)
+    del bad["middle_block.1.qkv.weight"]
+    bad["middle_block.9.weight"] = torch.zeros(3)
+    bad["out.0.bias"] = torch.zeros(7)
+    with pytest.raises(ValueError) as e:
+        load_official_state_dict(build(meta), bad)
+    msg = str(e.value)
+    assert "missing keys (1): middle_block.1.qkv.weight" in msg
+    assert "unexpected keys (1): middle_block.9.weight" in msg
+    assert "out.0.bias checkpoint [7] vs model [32]" in msg
+    assert "\n" not in msg
+
+
+def test_learn_sigma_mismatch_is_named(fixtures_dir):
+    meta, sd = fixture(fixtures_dir, "improved_unet_cond_learnsigma")  # 6 outputs
+    with pytest.raises(ValueError, match=r"output channels: checkpoint 6, model 3 \(learn_sigma"):
+        load_official_state_dict(build(meta, out_channels=3), sd)
+
+
+def test_class_conditioning_mismatch_is_named(fixtures_dir):
+    meta, sd = fixture(fixtures_dir, "improved_unet_cond_learnsigma")
+    kwargs = dict(meta["kwargs"])
+    kwargs.pop("num_classes")
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): label_emb.weight.*class-conditional \(10 labels\)"):
+        load_official_state_dict(build_network(config_from_official_kwargs(meta["class"], kwargs)), sd)
+
+
+def test_updown_scale_shift_and_superres_mismatches_are_named(fixtures_dir):
+    meta, sd = fixture(fixtures_dir, "guided_unet_adm_neworder0")
+    with pytest.raises(ValueError, match="resblock_updown"):
+        load_official_state_dict(build(meta, resblock_updown=False), sd)
+    with pytest.raises(ValueError, match="use_scale_shift_norm: checkpoint True, model False"):
+        load_official_state_dict(build(meta, use_scale_shift_norm=False), sd)
+    meta_sr, sd_sr = fixture(fixtures_dir, "guided_superres")
+    with pytest.raises(ValueError, match="input channels: checkpoint 6, model 3"):
+        load_official_state_dict(build(meta_sr | {"class": "guided_diffusion.unet.UNetModel"}), sd_sr)
+    with pytest.raises(ValueError, match=r"attention layers: checkpoint 4, model 1"):
+        load_official_state_dict(build(meta, attention_resolutions=[]), sd)
+
+
+def test_num_heads_flag_mismatch_is_named():
+    """Heads do not show in shapes: checked against the official flags."""
+    flags = RELEASED_FLAGS["guided-diffusion/256x256_diffusion"]
+    cfg = get_preset("guided-diffusion/128x128_diffusion")  # 4 heads, no num_head_channels
+    with pytest.raises(ValueError, match="num_head_channels: flags 64, model -1"):
+        check_flags(cfg, flags, "guided-diffusion")
+    check_flags(get_preset("guided-diffusion/256x256_diffusion"), flags, "guided-diffusion")
+    with torch.device("meta"):
+        model = build_network(get_preset("guided-diffusion/64x64_diffusion"))
+    flags64 = dict(RELEASED_FLAGS["guided-diffusion/64x64_diffusion"], use_new_attention_order=False)
+    with pytest.raises(ValueError, match="use_new_attention_order: flags False, model True"):
+        load_official_state_dict(model, {}, flags=flags64, family="guided-diffusion")
+
+
+def test_convert_round_trip(tmp_path, fixtures_dir):
+    """.pt (torch.save of a state dict) -> model.safetensors + config.yaml -> identical weights and outputs."""
+    meta, sd = fixture(fixtures_dir, "guided_classifier")
+    pt = tmp_path / "official.pt"
+    torch.save(sd, pt)
+    cfg = config_from_official_kwargs(meta["class"], meta["kwargs"])
+    out = convert_checkpoint(pt, cfg, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
+    saved = load_file(str(out / "model.safetensors"))
+    assert set(saved) == set(sd)
+    assert all(torch.equal(saved[k], sd[k]) for k in sd)
+    model = load_converted(out).eval()
+    assert model.config == cfg
+    reference = load_official_state_dict(build_network(cfg), sd).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 500])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), reference(x, t))
+
+
+def test_cli_convert_with_preset(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = build_network(get_preset("mnist-tiny"))
+    pt = tmp_path / "tiny.pt"
+    torch.save(net.state_dict(), pt)
+    assert main(["convert", str(pt), "--preset", "mnist-tiny", "--out", str(tmp_path / "o")]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    saved = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
+
+
+def test_cli_missing_file_exits_2(tmp_path, capsys):
+    code = main(["convert", str(tmp_path / "nope.pt"), "--preset", "mnist-tiny", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("difflab: error: checkpoint not found") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_wrong_architecture_exits_2_and_writes_nothing(tmp_path, capsys):
+    pt = tmp_path / "small.pt"
+    torch.save(build_network(get_preset("mnist-tiny")).state_dict(), pt)
+    code = main(["convert", str(pt), "--preset", "mnist-small", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "missing keys" in err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert main(["convert", str(pt), "--preset", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    pt = tmp_path / "evil.pt"
+    torch.save({"x": torch.zeros(1), "obj": argparse.Namespace(a=1)}, pt)  # an arbitrary class: refused
+    assert main(["convert", str(pt), "--preset", "mnist-tiny", "--out", str(tmp_path / "o")]) == 2
+    assert "weights_only=True" in capsys.readouterr().err

@@ -51,8 +51,9 @@ __all__ = [
     "load_converted",
 ]
 
-# Official key prefix -> difflab key prefix. Empty: improved-/guided-diffusion keys are difflab keys.
-KEY_RENAMES: dict[str, str] = {}
+# Official key prefix -> difflab key prefix. improved-/guided-diffusion keys are difflab keys as they are;
+# GLIDE's projection of the final text token (added to the time embedding) is difflab's generic cond_proj.
+KEY_RENAMES: dict[str, str] = {"transformer_proj.": "cond_proj."}
 
 _MAX_LISTED = 12
 

@@ -74,3 +74,27 @@ def test_classifier_pools_run(fixtures_dir):
             assert torch.count_nonzero(logits) == 0
         else:
             assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name,extra", [("glide_text2im", {}), ("glide_inpaint", {"inpaint": True}),
+                                        ("glide_upsample", {"low_res_channels": 3})])
+def test_glide_unet_keys_fit(fixtures_dir, name, extra):
+    """GLIDE's U-Net (encoder_kv in every attention layer, transformer_proj) maps key for key; only the
+    text transformer's own keys are left for the GLIDE milestone."""
+    from difflab.convert import map_official_state_dict
+    from difflab.nn.unet import UNetConfig
+
+    meta, sd, _, _ = load_fixture(fixtures_dir, name)
+    kw = meta["kwargs"]
+    cfg = UNetConfig(in_channels=kw["in_channels"], model_channels=kw["model_channels"],
+                     channel_mult=tuple(kw["channel_mult"]), num_res_blocks=kw["num_res_blocks"],
+                     attention_resolutions=tuple(kw["attention_resolutions"]),
+                     num_head_channels=kw["num_head_channels"], use_scale_shift_norm=True, resblock_updown=True,
+                     out_channels=kw["out_channels"], cond_dim=kw["xf_width"], encoder_channels=kw["xf_width"],
+                     **extra)
+    with torch.device("meta"):
+        model_shapes = {k: tuple(v.shape) for k, v in UNet(cfg).state_dict().items()}
+    mapped = {k: tuple(v.shape) for k, v in map_official_state_dict(sd).items()}
+    text_only = {k for k in mapped if k.split(".")[0] in
+                 ("transformer", "token_embedding", "positional_embedding", "padding_embedding", "final_ln")}
+    assert {k: s for k, s in mapped.items() if k not in text_only} == model_shapes

@@ -24,7 +24,8 @@ TINY = {"model": {"preset": "mnist-tiny"}}
 def test_round_trip_save_load_equal(tmp_path):
     cfg = config_from_dict(
         {
-            "model": {"preset": "mnist-small", "dropout": 0.0, "channel_mult": [1, 2, 4]},
+            "model": {"preset": "mnist-small", "dropout": 0.0, "channel_mult": [1, 2, 4], "image_size": 8,
+                      "learn_sigma": True, "num_classes": 10},
             "diffusion": {"schedule": "cosine", "var_type": "learned_range", "loss_type": "hybrid"},
             "data": {"source": "digits", "image_size": 8, "class_cond": True},
             "train": {"lr": "2e-4", "ema_rates": [0.9999, 0.999], "microbatch": 16, "grad_clip": 1.0},
@@ -85,8 +86,8 @@ def test_overrides_parse_yaml_values_and_nest(tmp_path):
         (["diffusion.steps=-5"], "diffusion.steps", [">= 1", "-5"]),
         (["train.lr=0"], "train.lr", ["> 0"]),
         (["train.lr=-1e-4"], "train.lr", ["> 0"]),
-        (["diffusion.p_uncond=1.5", "data.class_cond=true"], "diffusion.p_uncond", ["[0, 1]", "1.5"]),
-        (["diffusion.p_uncond=-0.1", "data.class_cond=true"], "diffusion.p_uncond", ["[0, 1]"]),
+        (["diffusion.p_uncond=1.5"], "diffusion.p_uncond", ["[0, 1]", "1.5"]),
+        (["diffusion.p_uncond=-0.1"], "diffusion.p_uncond", ["[0, 1]"]),
         (["train.batch_size=many"], "train.batch_size", ["integer", "'many'"]),
         (["train.batch_size=2.5"], "train.batch_size", ["integer"]),
         (["train.bf16=1"], "train.bf16", ["true or false"]),
@@ -105,6 +106,13 @@ def test_overrides_parse_yaml_values_and_nest(tmp_path):
         (["model.preset=mnist-tinyy"], "model.preset", ["did you mean 'mnist-tiny'", "ddpm-cifar10"]),
         (["model.num_res_blocks=0"], "model", ["num_res_blocks"]),
         (["train=3"], "train", ["mapping"]),
+        (["diffusion.var_type=learned_range", "diffusion.loss_type=hybrid"], "model.learn_sigma", ["must be True"]),
+        (["model.learn_sigma=true"], "model.learn_sigma", ["must be False", "'fixed_large'"]),
+        (["data.class_cond=true"], "model.num_classes", ["data.class_cond is true"]),
+        (["model.num_classes=10"], "model.num_classes", ["is 10 but data.class_cond is false"]),
+        (["model.num_classes=10", "data.class_cond=true", "diffusion.p_uncond=0.1"], "model.class_null", ["p_uncond"]),
+        (["data.channels=3"], "data.channels", ["model.in_channels is 1"]),
+        (["data.image_size=28"], "data.image_size", ["model.image_size is 32"]),
         (["train.lr.x=3"], "train.lr", ["expected a number"]),
         (["train.lr=1", "train.lr.x=3"], "train.lr", ["not a section"]),
     ],
@@ -155,3 +163,16 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg = load_config(path)
     save_config(cfg, tmp_path / "again.yaml")
     assert load_config(tmp_path / "again.yaml") == cfg
+
+
+def test_miniature_configs_fit_their_data():
+    from difflab.data import build_dataset
+
+    for name, size in (("mnist-tiny", 8), ("mnist-default", 32)):
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        ds = build_dataset(cfg.data, seed=cfg.train.seed)
+        x, _ = ds[0]
+        assert x.shape == (cfg.model.in_channels, size, size) == (ds.channels, cfg.model.image_size, size)
+        assert cfg.model.learn_sigma and cfg.diffusion.loss_type == "hybrid"
+    adm = load_config(CONFIGS / "adm-64.yaml")
+    assert adm.model.num_classes == 1000 and adm.model.model_channels == 192 and adm.train.lr == 3e-4

@@ -462,10 +462,37 @@ class Config:
             raise ConfigError(
                 ("sample", "steps"), f"must be <= diffusion.steps={self.diffusion.steps}",
             )
+        self._check_model_fits()
         rate = self.sample.ema_rate
         if rate is not None and rate not in self.train.ema_rates:
             rates = list(self.train.ema_rates)
             raise ConfigError(("sample", "ema_rate"), f"must be one of train.ema_rates {rates}; got {rate}")
+
+
+    def _check_model_fits(self) -> None:
+        """Cross-checks between the network and the other sections (for networks with these fields)."""
+        m = self.model
+        learn_sigma = getattr(m, "learn_sigma", None)
+        if learn_sigma is not None and learn_sigma != (self.diffusion.var_type == "learned_range"):
+            raise ConfigError(
+                ("model", "learn_sigma"),
+                f"must be {not learn_sigma} for diffusion.var_type '{self.diffusion.var_type}' "
+                "(a learned variance needs the network's second half of output channels)",
+            )
+        if hasattr(m, "num_classes") and (m.num_classes is not None) != self.data.class_cond:
+            raise ConfigError(
+                ("model", "num_classes"),
+                f"is {m.num_classes} but data.class_cond is {str(self.data.class_cond).lower()}; "
+                "a class-conditional network needs labelled data and vice versa",
+            )
+        if self.diffusion.p_uncond > 0 and getattr(m, "class_null", True) is False:
+            raise ConfigError(("model", "class_null"), "must be true when diffusion.p_uncond > 0 (the dropped label)")
+        in_ch = getattr(m, "in_channels", None)
+        if in_ch is not None and self.data.channels is not None and in_ch != self.data.channels:
+            raise ConfigError(("data", "channels"), f"is {self.data.channels} but model.in_channels is {in_ch}")
+        size = getattr(m, "image_size", None)
+        if size is not None and size != self.data.image_size:
+            raise ConfigError(("data", "image_size"), f"is {self.data.image_size} but model.image_size is {size}")
 
 
 # ============================================================================ model presets

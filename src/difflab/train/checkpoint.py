@@ -193,7 +193,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainingState, *, keep_la
     """Write ``state`` to ``run_dir/ckpt_{step:07d}/`` atomically; then keep only the newest
     ``keep_last`` checkpoints (None keeps all). Returns the checkpoint directory.
 
-    Saving a step that already exists replaces it atomically as well.
+    Saving a step that already exists replaces it atomically as well. Call on the main rank only.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,3 +14,16 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"official goldens not found at {FIXTURES} (expected ../shared beside the project root)")
     return FIXTURES
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread: for tiny tensors extra threads only add overhead, and on a
+    busy 2-core machine their spinning made the network tests 10x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,6 +16,8 @@ from difflab.convert import (
 )
 from difflab.nn.presets import RELEASED_FLAGS, build_network, config_from_official_kwargs, get_preset
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def fixture(fixtures_dir, name):
     meta = json.loads((fixtures_dir / "models" / f"{name}.json").read_text())

@@ -11,6 +11,8 @@ from difflab.nn.classifier import Classifier, ClassifierConfig
 from difflab.nn.presets import build_network, config_from_official_kwargs
 from difflab.nn.unet import UNet
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 OFFICIAL = [
     "improved_unet_ddpm",
     "improved_unet_cond_learnsigma",

@@ -15,6 +15,8 @@ from difflab.nn.presets import (
     get_preset,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NOT_YET = ("glide/",)  # GLIDE needs the text transformer (later milestone)
 
 

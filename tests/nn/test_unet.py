@@ -11,6 +11,8 @@ from difflab.nn.classifier import ClassifierConfig
 from difflab.nn.layers import qkv_attention, timestep_embedding
 from difflab.nn.unet import UNet, UNetConfig
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SMALL = dict(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
              attention_resolutions=(2,), num_groups=8, num_heads=2)
 

@@ -115,22 +115,20 @@ def _hints(model_sd: Mapping[str, Any], ckpt: Mapping[str, Any]) -> list[str]:
     mm, cm = _shape(model_sd, "middle_block.0.out_layers.3.weight"), _shape(ckpt, "middle_block.0.out_layers.3.weight")
     if me and ce and mm and cm and (me[0] // mm[0]) != (ce[0] // cm[0]):
         hints.append(f"use_scale_shift_norm: checkpoint {ce[0] // cm[0] == 2}, model {me[0] // mm[0] == 2}")
-    for side, sd in (("checkpoint", ckpt), ("model", model_sd)):
-        other = model_sd if sd is ckpt else ckpt
+    for side, sd, other_side, other in (("checkpoint", ckpt, "model", model_sd),
+                                        ("model", model_sd, "checkpoint", ckpt)):
         ops = {k.rsplit(".op.", 1)[0] for k in sd if ".op." in k}
         res = {k for k in ops if any(o.startswith(k + ".in_layers") for o in other)}
         if res:
-            hints.append(f"resblock_updown: the {side} has plain Downsample layers where the other has "
+            hints.append(f"resblock_updown: the {side} has plain Downsample layers where the {other_side} has "
                          f"residual up/down blocks ({sorted(res)[0]}, ...)")
     ma, ca = _count(model_sd, r".*\.qkv\.weight"), _count(ckpt, r".*\.qkv\.weight")
     if ma != ca:
         hints.append(f"attention layers: checkpoint {ca}, model {ma} (attention_resolutions / num_res_blocks)")
-    mb, cb = _count(model_sd, r"input_blocks\.\d+\.0\.(weight|in_layers\.0\.weight|op\.weight)"), \
-        _count(ckpt, r"input_blocks\.\d+\.0\.(weight|in_layers\.0\.weight|op\.weight)")
-    mb2 = len({k.split(".")[1] for k in model_sd if k.startswith("input_blocks.")})
-    cb2 = len({k.split(".")[1] for k in ckpt if k.startswith("input_blocks.")})
-    if mb2 != cb2 and (mb or cb):
-        hints.append(f"input blocks: checkpoint {cb2}, model {mb2} (num_res_blocks / channel_mult levels)")
+    mb = len({k.split(".")[1] for k in model_sd if k.startswith("input_blocks.")})
+    cb = len({k.split(".")[1] for k in ckpt if k.startswith("input_blocks.")})
+    if mb != cb and cb:
+        hints.append(f"input blocks: checkpoint {cb}, model {mb} (num_res_blocks / channel_mult levels)")
     mk, ck = _count(model_sd, r".*encoder_kv\.weight"), _count(ckpt, r".*encoder_kv\.weight")
     if mk != ck:
         hints.append(f"encoder_kv layers: checkpoint {ck}, model {mk} (encoder_channels)")

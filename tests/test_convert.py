@@ -139,3 +139,13 @@ def test_pickled_code_is_refused(tmp_path, capsys):
     torch.save({"x": torch.zeros(1), "obj": argparse.Namespace(a=1)}, pt)  # an arbitrary class: refused
     assert main(["convert", str(pt), "--preset", "mnist-tiny", "--out", str(tmp_path / "o")]) == 2
     assert "weights_only=True" in capsys.readouterr().err
+
+
+def test_load_into_meta_model_assigns_weights(fixtures_dir):
+    """A model built on the meta device (no memory) takes the official tensors themselves."""
+    meta, sd = fixture(fixtures_dir, "improved_unet_ddpm")
+    with torch.device("meta"):
+        model = build(meta)
+    load_official_state_dict(model, sd)
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())

@@ -52,6 +52,8 @@ def get_named_beta_schedule(name: str, T: int) -> np.ndarray:
     T = _check_T(T)
     if name == "linear":
         scale = 1000 / T
+        if scale * 0.02 > 1:
+            raise ValueError(f"the linear schedule needs T >= 20 (its last beta is 20/T = {20 / T:g} > 1); got T={T}")
         return np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
     if name == "cosine":
         return betas_for_alpha_bar(T, cosine_alpha_bar)

@@ -35,7 +35,26 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_convert]
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from difflab.eval.report import add_eval_arguments
+
+    p = sub.add_parser(
+        "eval",
+        help="FD, precision/recall, IS (and accuracy) of samples against a reference; prints JSON",
+        description="Evaluate SAMPLES.npz (arr_0 = uint8 NHWC images, optional arr_1 = labels) against a "
+        "reference in difflab's MNIST-classifier features or the FID InceptionV3 (docs/evaluation.md).",
+    )
+    add_eval_arguments(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from difflab.eval.report import run_eval_command
+
+    return run_eval_command(args)
+
+
+_SUBCOMMANDS = [_add_convert, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

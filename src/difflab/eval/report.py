@@ -1,0 +1,275 @@
+"""One call from samples to numbers: :func:`evaluate` (Python) and ``difflab eval`` (command line).
+
+    from difflab.eval.report import evaluate
+    evaluate(samples_uint8_nhwc, labels, ref="mnist5k-test", features="mnist")
+    # {"n": 1000, "features": "mnist", "ref": "mnist5k-test", "n_ref": 1000,
+    #  "fd": ..., "precision": ..., "recall": ..., "is": ..., "accuracy": ...}
+
+    difflab eval SAMPLES.npz --ref mnist5k-test
+    difflab eval SAMPLES.npz --ref VIRTUAL_imagenet64_labeled.npz --features inception \
+        --inception-weights pt_inception-2015-12-05-6726825d.pth
+
+References: ``"mnist5k-test"`` / ``"mnist5k-train"`` (the MNIST-5k splits, computed on the fly), or
+an ``.npz`` holding images (``arr_0``, uint8 NHWC), statistics (``mu``, ``sigma``: difflab's
+:func:`~difflab.eval.metrics.save_stats` or an OpenAI reference batch), or both. When both are
+there, FD uses the stored ``mu``/``sigma`` (as OpenAI's evaluator does) and precision / recall use
+the images; with statistics only, precision and recall are ``None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.eval.features import (
+    FIDInceptionV3,
+    MNISTClassifier,
+    extract,
+    load_inception,
+    load_mnist_classifier,
+    uint8_nhwc_to_float,
+)
+from difflab.eval.metrics import (
+    conditional_accuracy,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    load_stats,
+    precision_recall,
+    save_stats,
+)
+
+__all__ = ["FEATURES", "NAMED_REFS", "evaluate", "evaluate_npz", "save_reference", "add_eval_arguments",
+           "run_eval_command"]
+
+FEATURES = ("mnist", "inception")
+NAMED_REFS = ("mnist5k-test", "mnist5k-train")
+FEATURE_DIMS = {"mnist": MNISTClassifier.num_features, "inception": FIDInceptionV3.num_features}
+
+
+@dataclass
+class _Reference:
+    source: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None  # None: statistics only (no precision / recall)
+    n: int | None
+
+
+def _check_features_choice(features: str) -> None:
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}; got {features!r}")
+
+
+def _is_mnist_shaped(images: np.ndarray) -> bool:
+    return images.ndim in (3, 4) and images.shape[1:3] in ((28, 28), (32, 32)) and (
+        images.ndim == 3 or images.shape[3] == 1)
+
+
+def _check_images(images, what: str, features: str) -> np.ndarray:
+    """uint8 (N, H, W[, C]) with a size the feature space takes; returns it as a numpy array."""
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"{what} must be uint8 NHWC images in 0..255, got dtype {images.dtype}; convert float images "
+            "in [-1, 1] with difflab.data.float_to_uint8"
+        )
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise ValueError(f"{what} must have shape (N, H, W, C) with C = 1 or 3, got {images.shape}")
+    if features == "mnist" and not _is_mnist_shaped(images):
+        raise ValueError(
+            f"{what}: features='mnist' takes 28x28 or 32x32 (center-cropped to 28x28) grayscale "
+            f"images, got shape {images.shape}; use features='inception' for other images"
+        )
+    if len(images) < 2:
+        raise ValueError(f"{what}: need at least 2 images for feature statistics, got {len(images)}")
+    return images
+
+
+def _extractor(features: str, inception_weights, device) -> torch.nn.Module:
+    if features == "mnist":
+        return load_mnist_classifier(device=device)
+    if inception_weights is None:
+        raise ValueError(
+            "features='inception' needs the FID Inception weights as a local file "
+            "(--inception-weights PATH, pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a "
+            ".safetensors of it); difflab never downloads"
+        )
+    return load_inception(inception_weights, device=device)
+
+
+def _features_of(model, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    return extract(model, uint8_nhwc_to_float(images), batch_size=batch_size)
+
+
+def _named_reference_features(ref: str, model, batch_size: int) -> np.ndarray:
+    from difflab.data import load_mnist5k
+
+    images, _ = load_mnist5k(ref.removeprefix("mnist5k-"))
+    return _features_of(model, images, batch_size)[0]
+
+
+@functools.lru_cache(maxsize=len(NAMED_REFS))
+def _mnist_named_reference(ref: str, batch_size: int) -> np.ndarray:
+    feats = _named_reference_features(ref, load_mnist_classifier(), batch_size)
+    feats.setflags(write=False)
+    return feats
+
+
+def _load_reference(ref, features: str, model, batch_size: int) -> _Reference:
+    if isinstance(ref, str) and ref in NAMED_REFS:
+        if features == "mnist":  # the shipped classifier: the same numbers every time, so cache them
+            feats = _mnist_named_reference(ref, batch_size)
+        else:
+            feats = _named_reference_features(ref, model, batch_size)
+        mu, sigma = feature_statistics(feats)
+        return _Reference(ref, mu, sigma, feats, len(feats))
+    path = Path(ref)
+    if path.suffix != ".npz":
+        raise ValueError(f"ref must be one of {', '.join(NAMED_REFS)} or a path to an .npz file; got {ref!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"reference file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            images = f["arr_0"] if "arr_0" in keys else None
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"cannot read reference {path} as .npz: {e}") from e
+    has_stats = "mu" in keys and "sigma" in keys
+    if images is None and not has_stats:
+        raise ValueError(
+            f"reference {path} has neither images (arr_0) nor statistics (mu, sigma); found keys {keys}"
+        )
+    feats = None
+    if images is not None:
+        feats, _ = _features_of(model, _check_images(images, f"reference {path} arr_0", features), batch_size)
+    if has_stats:
+        st = load_stats(path)
+        dim = FEATURE_DIMS[features]
+        if st["feature_space"] is not None and st["feature_space"] != features:
+            raise ValueError(
+                f"reference {path} holds {st['feature_space']} statistics but features={features!r}; "
+                f"pass --features {st['feature_space']} or a reference made in {features} features"
+            )
+        if st["mu"].shape[0] != dim:
+            spaces = ", ".join(f"{k}: {v}-d" for k, v in FEATURE_DIMS.items())
+            raise ValueError(
+                f"reference {path} has {st['mu'].shape[0]}-d statistics but features={features!r} gives "
+                f"{dim}-d features ({spaces})"
+            )
+        return _Reference(str(path), st["mu"], st["sigma"], feats, st["n"])
+    mu, sigma = feature_statistics(feats)
+    return _Reference(str(path), mu, sigma, feats, len(feats))
+
+
+def evaluate(samples, labels=None, ref: str | Path = "mnist5k-test", features: str = "mnist",
+             inception_weights: str | Path | None = None, *, k: int = 3, batch_size: int = 250,
+             device: str | torch.device = "cpu") -> dict:
+    """FD, improved precision / recall, Inception Score and (with labels) conditional accuracy.
+
+    Args:
+        samples: uint8 (N, H, W, C) images (C = 1 or 3; (N, H, W) is grayscale), N >= 2.
+            ``features="mnist"``: 28x28 or 32x32 (center-cropped to 28x28) grayscale.
+            ``features="inception"``: any size (resized to 299x299), grayscale repeated to RGB.
+        labels: optional (N,) integer classes the samples were generated for; gives ``accuracy``
+            under difflab's MNIST classifier (MNIST-shaped samples only, else ``None``).
+        ref: ``"mnist5k-test"``, ``"mnist5k-train"`` or an ``.npz`` (see the module docstring).
+        features: ``"mnist"`` (128-d, difflab's classifier) or ``"inception"`` (2048-d pool3).
+        inception_weights: local pytorch-fid weights file; required for ``features="inception"``.
+        k: k of the precision / recall radii. batch_size: images per forward pass.
+    Returns:
+        ``{"n", "features", "ref", "n_ref", "fd", "precision", "recall", "is"}`` plus ``"accuracy"``
+        when labels are given. ``is`` uses the 1008 Inception logits or the classifier's 10 logits.
+    Raises:
+        ValueError / FileNotFoundError with the problem and the valid choices.
+    """
+    _check_features_choice(features)
+    samples = _check_images(samples, "samples", features)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(samples),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be {len(samples)} integers (one per sample), got "
+                             f"{labels.dtype} {labels.shape}")
+    model = _extractor(features, inception_weights, device)
+    feats, logits = _features_of(model, samples, batch_size)
+    reference = _load_reference(ref, features, model, batch_size)
+    mu, sigma = feature_statistics(feats)
+    out = {
+        "n": int(len(samples)),
+        "features": features,
+        "ref": reference.source,
+        "n_ref": reference.n,
+        "fd": frechet_distance(mu, sigma, reference.mu, reference.sigma),
+        "precision": None,
+        "recall": None,
+        "is": inception_score(logits),
+    }
+    if reference.features is not None:
+        out["precision"], out["recall"] = precision_recall(reference.features, feats, k=k)
+    if labels is not None:
+        if features == "mnist":
+            out["accuracy"] = conditional_accuracy(logits, labels)
+        elif _is_mnist_shaped(samples):
+            _, mnist_logits = _features_of(load_mnist_classifier(device=device), samples, batch_size)
+            out["accuracy"] = conditional_accuracy(mnist_logits, labels)
+        else:
+            out["accuracy"] = None  # no classifier for this domain
+    return out
+
+
+def evaluate_npz(path: str | Path, **kwargs) -> dict:
+    """:func:`evaluate` on an ``.npz`` of samples (``arr_0`` uint8 NHWC, optional ``arr_1`` labels)."""
+    from difflab.data import load_npz
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file not found: {path}")
+    images, labels = load_npz(path)
+    return evaluate(images, labels, **kwargs)
+
+
+def save_reference(path: str | Path, images, features: str = "mnist",
+                   inception_weights: str | Path | None = None, *, batch_size: int = 250) -> dict:
+    """Write the statistics of ``images`` (uint8 NHWC) as a reference ``.npz`` (``mu``, ``sigma``,
+    ``feature_space``, ``n``). Returns ``{"mu", "sigma"}``. Images are not stored: keep the images
+    ``.npz`` as well where precision / recall are wanted."""
+    _check_features_choice(features)
+    images = _check_images(images, "reference images", features)
+    feats, _ = _features_of(_extractor(features, inception_weights, "cpu"), images, batch_size)
+    mu, sigma = feature_statistics(feats)
+    save_stats(path, mu, sigma, feature_space=features, n=len(feats))
+    return {"mu": mu, "sigma": sigma}
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``difflab eval``."""
+    p.add_argument("samples", metavar="SAMPLES.npz",
+                   help="arr_0 = uint8 NHWC images, optional arr_1 = int64 labels (OpenAI's layout)")
+    p.add_argument("--ref", default="mnist5k-test", metavar="|".join(NAMED_REFS) + "|REF.npz",
+                   help="reference set: a named MNIST-5k split, or an .npz with arr_0 images and/or "
+                   "mu, sigma statistics (an OpenAI reference batch works) (default: mnist5k-test)")
+    p.add_argument("--features", default="mnist", choices=FEATURES,
+                   help="feature space: difflab's MNIST classifier (128-d) or the FID InceptionV3 (2048-d)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="local pytorch-fid weights (pt_inception-2015-12-05-6726825d.pth or .safetensors); "
+                   "needed for --features inception, never downloaded")
+    p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """Run ``difflab eval`` and print the result as JSON on stdout."""
+    result = evaluate_npz(args.samples, ref=args.ref, features=args.features,
+                          inception_weights=args.inception_weights, batch_size=args.batch_size)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -178,14 +178,16 @@ class ClassifierInfo:
                 f"makes {image_size}x{image_size}; train a classifier at the model's resolution"
             )
         known = dict(zip(self.timesteps, self.alphas_cumprod, strict=True))
-        for orig, abar in zip(process.timestep_map.tolist(), process.alphas_cumprod.tolist(), strict=True):
-            mine = known.get(int(orig))
-            if mine is None:
-                raise ValueError(
-                    f"the classifier was trained on another noise schedule{name}: it never saw step {orig} "
-                    f"(it knows original steps {min(self.timesteps)}..{max(self.timesteps)}, "
-                    f"{len(self.timesteps)} in all); train it with the diffusion model's schedule"
-                )
+        steps = [int(s) for s in process.timestep_map.tolist()]
+        unseen = [s for s in steps if s not in known]
+        if unseen:
+            raise ValueError(
+                f"the classifier was trained on another noise schedule{name}: it never saw step {unseen[0]} "
+                f"(it knows original steps {min(self.timesteps)}..{max(self.timesteps)}, "
+                f"{len(self.timesteps)} in all); train it with the diffusion model's schedule"
+            )
+        for orig, abar in zip(steps, process.alphas_cumprod.tolist(), strict=True):
+            mine = known[orig]
             if not math.isclose(mine, abar, rel_tol=rtol, abs_tol=1e-12):
                 raise ValueError(
                     f"the classifier was trained on another noise schedule{name}: at step {orig} its alpha_bar is "

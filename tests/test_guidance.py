@@ -232,6 +232,27 @@ def test_cfg_is_classifier_guidance_with_scale_one_plus_w_on_exact_models():
         assert_close(a.pred_xstart, b.pred_xstart, rtol=1e-8)
 
 
+@pytest.mark.parametrize("mean_type", ["x0", "v"])
+def test_cfg_is_the_same_guidance_for_every_mean_type(mean_type):
+    """(1 + w) c - w u of x0 or v predictions gives the same x0^ as that of eps predictions (affine, weights sum 1)."""
+    from difflab.process import get_v, predict_x0_from_eps
+
+    process = toy_process()
+    eps_net = conditional_toy_net(MIX, process)
+
+    def net(x, t, y=None):
+        eps = eps_net(x, t, y)
+        x0 = predict_x0_from_eps(process, x, t, eps)
+        return x0 if mean_type == "x0" else get_v(process, x0, eps, t)
+
+    w, x, y = 1.5, x_T(10, 64), labels(64)
+    a = classifier_free_denoiser(Denoiser(eps_net, process, Parameterization("eps")), w, 2, num_classes=2)
+    b = classifier_free_denoiser(Denoiser(net, process, Parameterization(mean_type)), w, 2, num_classes=2)
+    for step in (0, 300, 900):
+        t = torch.full((64,), step)
+        assert_close(b(x, t, y=y).pred_xstart, a(x, t, y=y).pred_xstart, rtol=1e-9)
+
+
 # ------------------------------------------------------------------------------------------- one call per step
 
 

@@ -6,6 +6,15 @@ The process math is importable under the official OpenAI names::
 """
 
 from difflab.denoiser import Denoiser, p_mean_variance
+from difflab.guidance import (
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    ClassifierInfo,
+    classifier_free_denoiser,
+    classifier_grad_fn,
+    drop_labels,
+    guided_denoiser,
+)
 from difflab.likelihood import calc_bpd_loop, prior_bpd
 from difflab.losses import (
     discretized_gaussian_log_likelihood,
@@ -39,4 +48,6 @@ __all__ = [
     "calc_bpd_loop", "prior_bpd",
     "p_sample", "sample_ancestral", "ddim_sample", "ddim_reverse_sample", "sample_ddim", "ddim_invert",
     "UniformSampler", "LossSecondMomentResampler", "create_timestep_sampler",
+    "ClassifierGuidance", "ClassifierFreeGuidance", "ClassifierInfo", "classifier_free_denoiser",
+    "classifier_grad_fn", "drop_labels", "guided_denoiser",
 ]

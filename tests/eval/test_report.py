@@ -121,3 +121,24 @@ def test_python_api_bad_choices(mnist_test):
         evaluate(images, labels=np.zeros(1000))
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.9"):
         evaluate(images, labels=np.full(1000, 10))
+
+
+def test_inception_features_end_to_end(tmp_path, capsys):
+    # random weights in the pytorch-fid layout; a set against itself: FD 0, precision = recall = 1
+    import torch
+
+    from difflab.eval.features import FIDInceptionV3
+
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), tmp_path / "w.pth")
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(4))
+    with pytest.warns(UserWarning, match="singular"):
+        code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"),
+                     "--features", "inception", "--inception-weights", str(tmp_path / "w.pth")])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["features"] == "inception" and out["n"] == out["n_ref"] == 4
+    assert out["fd"] == pytest.approx(0.0, abs=1e-9) and out["precision"] == out["recall"] == 1.0
+    assert out["accuracy"] is None and 1.0 <= out["is"] <= 1008

@@ -54,7 +54,128 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
-_SUBCOMMANDS = [_add_convert, _add_eval]
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a diffusion model from a YAML config into a run folder (or resume one)",
+        description="Train CONFIG into the run folder --out (config.yaml, metrics.jsonl, ckpt_XXXXXXX/, samples/), "
+        "or continue RUN bit-identically with --resume RUN. Under torchrun: DDP over the processes.",
+    )
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config (e.g. configs/mnist-default.yaml); "
+                   "omit with --resume to use the run's own config.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--out", metavar="RUN", help="run folder (default: runs/<config name>)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="train until step N (sets train.max_steps)")
+    p.add_argument("--max-minutes", type=float, metavar="M", help="stop cleanly (and checkpoint) after M minutes")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from difflab.train.distributed import cleanup, is_main
+    from difflab.train.trainer import TrainingDiverged, resolve_train_config, train
+
+    cfg, run_dir = resolve_train_config(args.config, args.overrides, out=args.out, resume=args.resume,
+                                        max_steps=args.max_steps)
+    try:
+        result = train(cfg, run_dir, resume=args.resume is not None, max_minutes=args.max_minutes, quiet=args.quiet)
+    except TrainingDiverged as e:
+        if is_main():
+            print(f"difflab: error: training diverged: {e}; stopped without saving that state "
+                  f"(the last good checkpoint in {run_dir} is untouched)", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    if is_main():
+        print(f"step {result.step} ({result.stopped}, {result.seconds / 60:.1f} min); run folder: {run_dir}")
+    return 0
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run folder written by difflab train")
+    p.add_argument("--ema", metavar="RATE", help="weights: an EMA rate of the run, or 'model' for the raw weights "
+                   "(default: sample.ema_rate, else the first of train.ema_rates)")
+    p.add_argument("--checkpoint", metavar="STEP", help="a checkpoint step (default: the latest)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="draw images from a trained run into a PNG grid and/or an .npz",
+        description="Draw samples from RUN (config.yaml + latest checkpoint). Writes --grid and/or --npz "
+        "(arr_0 uint8 NHWC, arr_1 int64 labels); with neither, RUN/samples/<sampler>_<n>.png and .npz.",
+    )
+    _add_run_arguments(p)
+    p.add_argument("--n", type=int, help="number of images (default: sample.n)")
+    p.add_argument("--sampler", help="ancestral, ddim, ... (difflab.samplers.SAMPLERS; default: sample.sampler)")
+    p.add_argument("--steps", type=int, metavar="K", help="sampling steps (respacing; default: sample.steps)")
+    p.add_argument("--eta", type=float, metavar="E", help="DDIM eta (default: sample.eta)")
+    p.add_argument("--label", type=int, metavar="L", help="class label of every image (class-conditional runs)")
+    p.add_argument("--seed", type=int, help="noise seed (default: sample.seed)")
+    p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
+    p.add_argument("--grid", metavar="FILE.png", help="write a PNG grid here")
+    p.add_argument("--npz", metavar="FILE.npz", help="write the images and labels here")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from difflab.generate import sample_run
+
+    for path in sample_run(args.run, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                           label=args.label, seed=args.seed, batch=args.batch, grid=args.grid, npz=args.npz,
+                           ema=args.ema, checkpoint=args.checkpoint, progress=not args.quiet):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_nll(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "nll",
+        help="bits/dim (exact VLB: prior + KL terms + decoder) of a run on a data split; prints JSON",
+        description="Average calc_bpd_loop over the first N images of the split (built-in data: test by default).",
+    )
+    _add_run_arguments(p)
+    p.add_argument("--split", choices=["train", "test", "all"], help="data split (default: test for MNIST / digits)")
+    p.add_argument("--n", type=int, help="number of images (default: the whole split)")
+    p.add_argument("--steps", type=int, metavar="K", help="bound of the K-step respaced process (default: all T)")
+    p.add_argument("--batch", type=int, default=100, metavar="B", help="images per network call (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.set_defaults(func=_run_nll)
+
+
+def _run_nll(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.bpd import nll_run
+
+    result = nll_run(args.run, split=args.split, n=args.n, steps=args.steps, batch=args.batch, seed=args.seed,
+                     ema=args.ema, checkpoint=args.checkpoint, progress=not args.quiet)
+    if result is not None:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="summary of a run folder: config, parameters, steps, last loss, checkpoints")
+    p.add_argument("run", metavar="RUN", help="run folder written by difflab train")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.runinfo import format_run_info, run_info
+
+    info = run_info(args.run)
+    print(json.dumps(info, indent=1) if args.json else format_run_info(info))
+    return 0
+
+
+_SUBCOMMANDS = [_add_train, _add_sample, _add_nll, _add_info, _add_convert, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

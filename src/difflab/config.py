@@ -409,7 +409,7 @@ class SampleConfig:
     """How ``difflab sample`` draws images from a trained run."""
 
     # samplers/<name>.py
-    sampler: Literal["ancestral", "ddim", "dpm_solver"] = "ancestral"
+    sampler: Literal["ancestral", "ddim", "dpmpp-2m", "euler", "heun"] = "ancestral"
     # network evaluations via respacing; null = all T steps
     steps: int | None = None
     # DDIM: 0 = deterministic, 1 = ancestral-like noise

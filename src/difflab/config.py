@@ -408,7 +408,7 @@ class TrainConfig:
 class SampleConfig:
     """How ``difflab sample`` draws images from a trained run."""
 
-    # samplers/<name>.py
+    # a name of difflab.samplers.SAMPLERS
     sampler: Literal["ancestral", "ddim", "dpmpp-2m", "euler", "heun"] = "ancestral"
     # network evaluations via respacing; null = all T steps
     steps: int | None = None

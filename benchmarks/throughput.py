@@ -1,0 +1,367 @@
+"""Training and sampling throughput of difflab's U-Net against diffusers and lucidrains, one process.
+
+Three U-Nets at matched parameter counts (~4.0M, within 5%), 1x32x32 images, batch 32:
+
+* difflab ``UNet(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, attention at 16x16 and 8x8)``
+* diffusers ``UNet2DModel(block_out_channels=(32, 64, 128), layers_per_block=2, attention in the lower two)``
+* lucidrains ``denoising_diffusion_pytorch.Unet(dim=40, dim_mults=(1, 2, 4), channels=1)``
+
+Measured: training img/s (forward + MSE loss + backward + Adam step), sampling img/s (one forward
+under ``torch.inference_mode``), FLOPs per image (``torch.utils.flop_counter``: forward, and forward +
+backward), FLOP/s as a fraction of a same-run 2048x2048 float32 matmul on the same threads, and peak
+memory of a training step (CUDA: ``max_memory_allocated``; CPU: peak live heap bytes from glibc
+``mallinfo2`` sampled every millisecond, minus the bytes live before the step). The models are timed
+in interleaved rounds (A B C A B C ...) and the median round is reported, so that load from other
+processes hits all of them alike; compare ratios within one run. Writes docs/results/speed.json and
+speed.md (with the load average before and after) and, with ``--profile``, torch.profiler's top ops.
+
+The peers pull torchvision and a CUDA build of torch; run this from a benchmark-only environment:
+
+    python -m venv /work/benchenv
+    /work/benchenv/bin/pip install torch==2.14.1 torchvision==0.29.1 diffusers denoising-diffusion-pytorch
+    /work/benchenv/bin/pip install -e . --no-deps
+    /work/benchenv/bin/python benchmarks/throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results"
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+Factory = Callable[[], tuple[torch.nn.Module, Callable, torch.memory_format]]
+
+
+def difflab_model(memory_format: torch.memory_format = torch.contiguous_format):
+    from difflab.nn import UNet, UNetConfig
+
+    cfg = UNetConfig(in_channels=1, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2,
+                     attention_resolutions=(2, 4), num_head_channels=32, image_size=32)
+    net = UNet(cfg).to(memory_format=memory_format)
+    return net, lambda m, x, t: m(x, t), memory_format
+
+
+def diffusers_model():
+    from diffusers import UNet2DModel
+
+    net = UNet2DModel(
+        sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+    return net, lambda m, x, t: m(x, t).sample, torch.contiguous_format
+
+
+def lucidrains_model():
+    from denoising_diffusion_pytorch import Unet
+
+    net = Unet(dim=40, dim_mults=(1, 2, 4), channels=1)
+    return net, lambda m, x, t: m(x, t.float()), torch.contiguous_format
+
+
+MODELS: dict[str, Factory] = {
+    "difflab": difflab_model,
+    "difflab-channels-last": lambda: difflab_model(torch.channels_last),
+    "diffusers": diffusers_model,
+    "lucidrains": lucidrains_model,
+}
+
+
+# -- measurement -------------------------------------------------------------------------------------
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_in_use() -> Callable[[], int] | None:
+    """glibc's bytes in use (small-block heap + mmapped blocks), or None where mallinfo2 is missing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = fn()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
+    """Peak bytes allocated during ``step()`` above those live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    in_use = _heap_in_use()
+    if in_use is None:
+        return None
+    before = in_use()
+    peak = [before]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], in_use())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        step()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], in_use()) - before
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_flops_per_s(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of an n x n float32 matmul (2 n^3 FLOPs), best of ``reps``."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+class Bench:
+    """One model with its optimizer, fixed inputs and the three operations that get timed."""
+
+    def __init__(self, name: str, batch: int, res: int, device: torch.device, seed: int = 0):
+        torch.manual_seed(seed)
+        self.name = name
+        self.net, self.call, fmt = MODELS[name]()
+        self.net.to(device).train()
+        self.params = sum(p.numel() for p in self.net.parameters())
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch, 1, res, res, generator=g).to(device, memory_format=fmt)
+        self.noise = torch.randn(batch, 1, res, res, generator=g).to(device, memory_format=fmt)
+        self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        self.batch = batch
+        self.device = device
+
+    def loss(self) -> torch.Tensor:
+        return F.mse_loss(self.call(self.net, self.x, self.t), self.noise)
+
+    def train_step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.opt.step()
+
+    def sample_step(self) -> None:
+        with torch.inference_mode():
+            self.call(self.net, self.x, self.t)
+
+    def flops(self) -> tuple[float, float]:
+        """(forward, forward + backward) FLOPs per image."""
+        with FlopCounterMode(display=False) as fc:
+            with torch.no_grad():
+                self.call(self.net, self.x, self.t)
+        fwd = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            self.loss().backward()
+        self.opt.zero_grad(set_to_none=True)
+        return fwd / self.batch, fc.get_total_flops() / self.batch
+
+    def time(self, fn: Callable[[], None], iters: int) -> float:
+        """Images per second over ``iters`` calls."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(self.device)
+        return iters * self.batch / (time.perf_counter() - t0)
+
+
+def profile_top_ops(bench: Bench, iters: int = 3, rows: int = 12) -> str:
+    """torch.profiler's table of the top ops (by self CPU time) over ``iters`` training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            bench.train_step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for mod in ("diffusers", "denoising_diffusion_pytorch", "difflab"):
+        try:
+            from importlib.metadata import version
+
+            out[mod] = version(mod.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - a missing peer is reported, not fatal
+            out[mod] = "not installed"
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = result["models"]
+    ref = rows.get("difflab")
+    lines = [
+        "# Throughput: difflab vs diffusers vs lucidrains U-Nets",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; load average {result['load_before']} before, {result['load_after']} after  ",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}  ",
+        f"Date: {result['date']}; batch {result['batch']}, 1x{result['res']}x{result['res']}, "
+        f"{result['rounds']} interleaved rounds (median reported)  ",
+        f"Same-run {result['matmul_n']}x{result['matmul_n']} float32 matmul: "
+        f"{result['matmul_gflops']:.1f} GFLOP/s",
+        "",
+        "| model | params | train GFLOP/img | train img/s | sample img/s | train FLOP/s vs matmul | "
+        "peak train MiB | difflab train speed-up | difflab sample speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        mem = "n/a" if r["peak_train_bytes"] is None else f"{r['peak_train_bytes'] / 2**20:.0f}"
+        up_t = f"{ref['train_img_s'] / r['train_img_s']:.2f}x" if ref else ""
+        up_s = f"{ref['sample_img_s'] / r['sample_img_s']:.2f}x" if ref else ""
+        lines.append(
+            f"| {name} | {r['params'] / 1e6:.2f}M | {r['train_gflop_per_img']:.2f} | {r['train_img_s']:.1f} | "
+            f"{r['sample_img_s']:.1f} | {100 * r['train_flops_frac']:.0f}% | {mem} | {up_t} | {up_s} |"
+        )
+    lines += ["", "Rounds (train img/s per round): " + "; ".join(
+        f"{n}: {', '.join(f'{v:.1f}' for v in r['train_rounds'])}" for n, r in rows.items())]
+    if result.get("targets"):
+        lines += ["", "## Targets (BENCHMARKS.md)", ""]
+        for line in result["targets"]:
+            lines.append(f"- {line}")
+    if result.get("profiles"):
+        lines += ["", "## Profiles (top ops by self CPU time, 3 training steps)", ""]
+        for name, table in result["profiles"].items():
+            lines += [f"### {name}", "", "```", table.rstrip(), "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="difflab,diffusers,lucidrains", help="comma-separated among "
+                        + ", ".join(MODELS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--res", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--train-iters", type=int, default=3, help="training steps per model per round")
+    parser.add_argument("--sample-iters", type=int, default=6, help="forward passes per model per round")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="add torch.profiler top ops per model")
+    parser.add_argument("--out", default=str(OUT), help="folder for speed.json / speed.md ('' = do not write)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        parser.error(f"unknown models {bad}; valid: {', '.join(MODELS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    load_before = [round(v, 2) for v in os.getloadavg()]
+
+    benches = {n: Bench(n, args.batch, args.res, device) for n in names}
+    flops = {n: b.flops() for n, b in benches.items()}
+    for b in benches.values():  # warm-up: allocator, oneDNN kernels
+        b.train_step()
+        b.train_step()
+        b.sample_step()
+    mem = {n: peak_memory(b.train_step, device) for n, b in benches.items()}
+    matmul = []
+    train: dict[str, list[float]] = {n: [] for n in names}
+    sample: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        matmul.append(matmul_flops_per_s(device, reps=3))
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            train[n].append(benches[n].time(benches[n].train_step, args.train_iters))
+            sample[n].append(benches[n].time(benches[n].sample_step, args.sample_iters))
+    mm = statistics.median(matmul)
+    rows = {}
+    for n, b in benches.items():
+        fwd, fwd_bwd = flops[n]
+        tr, sa = statistics.median(train[n]), statistics.median(sample[n])
+        rows[n] = {
+            "params": b.params, "fwd_gflop_per_img": fwd / 1e9, "train_gflop_per_img": fwd_bwd / 1e9,
+            "train_img_s": tr, "sample_img_s": sa, "train_flops_frac": fwd_bwd * tr / mm,
+            "sample_flops_frac": fwd * sa / mm, "peak_train_bytes": mem[n],
+            "train_rounds": train[n], "sample_rounds": sample[n],
+        }
+    targets = []
+    if "difflab" in rows:
+        d = rows["difflab"]
+        for peer, bar in (("diffusers", 1.5), ("lucidrains", 1.2)):
+            if peer in rows:
+                ratio = d["train_img_s"] / rows[peer]["train_img_s"]
+                targets.append(f"training img/s vs {peer}: {ratio:.2f}x (target >= {bar}x): "
+                               f"{'met' if ratio >= bar else 'MISSED'}")
+        frac = d["train_flops_frac"]
+        targets.append(f"difflab training FLOP/s vs same-run matmul: {100 * frac:.0f}% (target >= 70%): "
+                       f"{'met' if frac >= 0.7 else 'MISSED'}")
+    profiles = {n: profile_top_ops(b) for n, b in benches.items()} if args.profile else {}
+    cmd = " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])
+    result = {
+        "what": "U-Net training / sampling throughput at matched parameters, same process",
+        "command": cmd,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                   + (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"),
+        "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
+        "versions": versions(), "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "batch": args.batch, "res": args.res, "rounds": args.rounds,
+        "matmul_n": 2048, "matmul_gflops": mm / 1e9, "matmul_rounds_gflops": [m / 1e9 for m in matmul],
+        "models": rows, "targets": targets, "profiles": profiles,
+    }
+    print(markdown({**result, "profiles": {}}))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "speed.md").write_text(markdown(result))
+        print(f"wrote {out / 'speed.json'} and {out / 'speed.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

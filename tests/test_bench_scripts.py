@@ -1,0 +1,39 @@
+"""The Python part of benchmarks/gpu.sh runs on a CPU with a tiny preset and reports consistent numbers."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_on_cpu_tiny(tmp_path):
+    gpu_bench = _load("gpu_bench")
+    out = tmp_path / "gpu.json"
+    r = gpu_bench.main(["--device", "cpu", "--preset", "mnist-tiny", "--steps", "2", "--warmup", "1",
+                        "--batch", "4", "--sample-batch", "4", "--sample-steps", "3", "--image-size", "16",
+                        "--peak-tflops", "1.0", "--json", str(out)])
+    assert out.is_file()
+    assert r["params"] == 176_849 and r["train_img_s"] > 0 and r["eval_img_s"] > 0 and r["sample_img_s"] > 0
+    # MFU = counted FLOPs per step x steps/s over the peak.
+    flops_per_s = r["train_gflop_per_img"] * 1e9 * r["train_img_s"]
+    assert r["mfu"] == pytest.approx(flops_per_s / 1e12, rel=1e-6)
+    # A full sample costs sample_steps network evaluations, so it is slower than one evaluation.
+    assert r["sample_img_s"] < r["eval_img_s"]
+
+
+def test_gpu_bench_bad_input():
+    gpu_bench = _load("gpu_bench")
+    with pytest.raises(SystemExit):
+        gpu_bench.main(["--device", "cpu", "--preset", "mnist-tiny", "--steps", "0"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        gpu_bench.main(["--device", "cpu", "--preset", "nope", "--steps", "1"])

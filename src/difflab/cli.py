@@ -109,7 +109,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "(arr_0 uint8 NHWC, arr_1 int64 labels); with neither, RUN/samples/<sampler>_<n>.png and .npz.",
     )
     _add_run_arguments(p)
-    p.add_argument("--n", type=int, help="number of images (default: sample.n)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int,
+                   help="number of images (default: sample.n); under torchrun spell it --num-samples")
     p.add_argument("--sampler", help="ancestral, ddim, ... (difflab.samplers.SAMPLERS; default: sample.sampler)")
     p.add_argument("--steps", type=int, metavar="K", help="sampling steps (respacing; default: sample.steps)")
     p.add_argument("--eta", type=float, metavar="E", help="DDIM eta (default: sample.eta)")
@@ -139,7 +140,8 @@ def _add_nll(sub: argparse._SubParsersAction) -> None:
     )
     _add_run_arguments(p)
     p.add_argument("--split", choices=["train", "test", "all"], help="data split (default: test for MNIST / digits)")
-    p.add_argument("--n", type=int, help="number of images (default: the whole split)")
+    p.add_argument("--n", "--num-images", dest="n", type=int,
+                   help="number of images (default: the whole split); under torchrun spell it --num-images")
     p.add_argument("--steps", type=int, metavar="K", help="bound of the K-step respaced process (default: all T)")
     p.add_argument("--batch", type=int, default=100, metavar="B", help="images per network call (default 100)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")

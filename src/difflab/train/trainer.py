@@ -281,10 +281,7 @@ class Trainer:
         checkpoint every ``save_every`` steps and at the end. Raises :class:`TrainingDiverged`."""
         tc = self.cfg.train
         max_steps = tc.max_steps if max_steps is None else max_steps
-        if max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
-        if max_minutes is not None and max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+        check_limits(max_steps, max_minutes)
         start = time.perf_counter()
         bar = self._progress_bar(max_steps)
         stopped, last = "max_steps", None
@@ -385,6 +382,14 @@ class Trainer:
         return path
 
 
+def check_limits(max_steps: int | None, max_minutes: float | None) -> None:
+    """ValueError for a negative step count or a non-positive time limit."""
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+
+
 def train(
     cfg: Config,
     run_dir: str | Path,
@@ -395,6 +400,7 @@ def train(
     quiet: bool = False,
 ) -> TrainResult:
     """Train (or resume) a run: :class:`Trainer` then :meth:`Trainer.train`."""
+    check_limits(max_steps, max_minutes)  # before the run folder is touched
     return Trainer(cfg, run_dir, resume=resume, quiet=quiet).train(max_steps=max_steps, max_minutes=max_minutes)
 
 

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def test_tiny_run_trains_checkpoints_samples_and_scores(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", str(TINY), "--out", str(run), "--max-steps", "10", "--quiet", *sets(*TINY_SET)]) == 0
+    assert main(["train", str(TINY), "--out", str(run), "--max-steps", "10", "--quiet",
+                 *sets(*TINY_SET, "train.sample_every=5")]) == 0
     assert [p.name for p in list_checkpoints(run)] == ["ckpt_0000008", "ckpt_0000010"]  # keep_last 2, final save
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000005.png", "step_0000010.png"]
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
     for r in rows:

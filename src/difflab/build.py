@@ -81,7 +81,11 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
         raise FileNotFoundError(f"run folder not found: {run}")
     if not (run / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{run} is not a difflab run folder: {CONFIG_NAME} is missing")
-    return load_config(run / CONFIG_NAME)
+    cfg = load_config(run / CONFIG_NAME)
+    if not isinstance(cfg, Config):
+        raise ValueError(f"{run} is a noisy-classifier run (task: classifier): guide a diffusion run with it, "
+                         f"e.g. difflab sample RUN --classifier {run} --classifier-scale S")
+    return cfg
 
 
 def find_checkpoint(run_dir: str | os.PathLike, checkpoint: int | str | os.PathLike | None = None) -> Path:

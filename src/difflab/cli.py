@@ -57,7 +57,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a diffusion model from a YAML config into a run folder (or resume one)",
+        help="train a diffusion model (or, with 'task: classifier', a noisy classifier) from a YAML config",
         description="Train CONFIG into the run folder --out (config.yaml, metrics.jsonl, ckpt_XXXXXXX/, samples/), "
         "or continue RUN bit-identically with --resume RUN. Under torchrun: DDP over the processes.",
     )
@@ -74,9 +74,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from difflab.train.classifier_trainer import classifier_config_of, run_classifier_command
     from difflab.train.distributed import cleanup, is_main
     from difflab.train.trainer import TrainingDiverged, resolve_train_config, train
 
+    if classifier_config_of(args.config, args.resume):  # task: classifier -> a noisy classifier (ADM Sec. 4)
+        return run_classifier_command(args.config, args.overrides, out=args.out, resume=args.resume,
+                                      max_steps=args.max_steps, max_minutes=args.max_minutes, quiet=args.quiet)
     cfg, run_dir = resolve_train_config(args.config, args.overrides, out=args.out, resume=args.resume,
                                         max_steps=args.max_steps)
     try:
@@ -114,7 +118,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", help="ancestral, ddim, ... (difflab.samplers.SAMPLERS; default: sample.sampler)")
     p.add_argument("--steps", type=int, metavar="K", help="sampling steps (respacing; default: sample.steps)")
     p.add_argument("--eta", type=float, metavar="E", help="DDIM eta (default: sample.eta)")
-    p.add_argument("--label", type=int, metavar="L", help="class label of every image (class-conditional runs)")
+    p.add_argument("--label", metavar="L|all", help="class label of every image, or 'all' for labels cycling "
+                   "0..K-1 (class-conditional runs or with --classifier; default: all)")
+    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight w: "
+                   "(1+w) eps(x,y) - w eps(x,null), for runs trained with diffusion.p_uncond > 0 "
+                   "(default: sample.guidance_scale)")
+    p.add_argument("--classifier", metavar="CLF", help="noisy classifier for classifier guidance: a classifier "
+                   "run folder of difflab train or its classifier.safetensors (default: sample.classifier)")
+    p.add_argument("--classifier-scale", type=float, metavar="S", help="classifier guidance scale s "
+                   "(ADM Alg. 1/2; default: sample.classifier_scale)")
     p.add_argument("--seed", type=int, help="noise seed (default: sample.seed)")
     p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
     p.add_argument("--grid", metavar="FILE.png", help="write a PNG grid here")
@@ -126,7 +138,9 @@ def _run_sample(args: argparse.Namespace) -> int:
     from difflab.generate import sample_run
 
     for path in sample_run(args.run, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                           label=args.label, seed=args.seed, batch=args.batch, grid=args.grid, npz=args.npz,
+                           label=args.label, seed=args.seed, batch=args.batch, guidance_scale=args.guidance,
+                           classifier=args.classifier, classifier_scale=args.classifier_scale,
+                           grid=args.grid, npz=args.npz,
                            ema=args.ema, checkpoint=args.checkpoint, progress=not args.quiet):
         print(f"wrote {path}")
     return 0

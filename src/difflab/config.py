@@ -422,6 +422,10 @@ class SampleConfig:
     clip_denoised: bool = True
     # classifier-free guidance weight w: (1+w)*eps_c - w*eps_u; 0 = off
     guidance_scale: float = 0.0
+    # noisy classifier for classifier guidance: a classifier run folder or its .safetensors; null = none
+    classifier: str | None = None
+    # classifier guidance scale s: mu + s*Sigma*grad log p(y|x_t) (ADM Alg. 1/2); 0 = off
+    classifier_scale: float = 0.0
     # sample from this EMA (null = the first of train.ema_rates)
     ema_rate: float | None = None
     # seeds the sampling noise
@@ -434,6 +438,7 @@ class SampleConfig:
         _require(self, self.n >= 1, "n", "must be >= 1")
         _require(self, self.batch >= 1, "batch", "must be >= 1")
         _require(self, self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
+        _require(self, self.classifier_scale >= 0, "classifier_scale", "must be >= 0")
         _require(self, self.seed >= 0, "seed", "must be >= 0")
 
 
@@ -571,7 +576,11 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply ``overrides`` (``["train.lr=1e-4", ...]``) and validate it."""
+    """Read a YAML config, apply ``overrides`` (``["train.lr=1e-4", ...]``) and validate it.
+
+    A file whose top level says ``task: classifier`` is a noisy-classifier config and comes back as a
+    :class:`difflab.train.classifier_trainer.ClassifierRunConfig` instead.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError((), f"config file not found: {path}")
@@ -582,6 +591,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError((), f"{path}: expected a mapping of sections at the top level")
     try:
+        if isinstance(data, Mapping) and "task" in data:
+            from difflab.train.classifier_trainer import ClassifierRunConfig
+
+            return from_dict(ClassifierRunConfig, apply_overrides(dict(data), overrides))
         return config_from_dict(data or {}, overrides)
     except ConfigError as e:
         raise ConfigError(e.path, f"{e.problem} (in {path})") from None

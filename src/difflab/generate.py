@@ -46,25 +46,53 @@ def _batch_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _labels(cfg: Config, n: int, label: int | None) -> torch.Tensor | None:
-    num_classes = getattr(cfg.model, "num_classes", None)
+def _labels(num_classes: int | None, n: int, label: int | str | None) -> torch.Tensor | None:
+    """Labels [n] of the samples: all ``label``, or 0, 1, ..., K-1, 0, ... for None / ``"all"``.
+
+    ``num_classes`` is that of the class-conditional model, or of the guiding classifier; None
+    (an unconditional model alone) takes no label.
+    """
+    if isinstance(label, str):
+        text = label.strip().lower()
+        if text != "all" and not text.lstrip("-").isdigit():
+            raise ValueError(f"--label must be a class index or 'all', got {label!r}")
+        label = None if text == "all" else int(text)
     if num_classes is None:
         if label is not None:
-            raise ValueError("--label needs a class-conditional run (this model is unconditional)")
+            raise ValueError("--label needs a class-conditional run or a classifier (this model is unconditional)")
         return None
     if label is not None and not 0 <= label < num_classes:
-        raise ValueError(f"label must be in 0..{num_classes - 1}, got {label}")
+        raise ValueError(f"label {label} is outside the classes; valid labels are 0..{num_classes - 1} or 'all'")
     if label is not None:
         return torch.full((n,), int(label), dtype=torch.long)
     return torch.arange(n, dtype=torch.long) % num_classes
 
 
-def _guided(denoiser: Denoiser, cfg: Config) -> Denoiser:
-    if cfg.sample.guidance_scale <= 0:
-        return denoiser
-    from difflab.guidance import classifier_free_denoiser
+def _guided(denoiser: Denoiser, cfg: Config, guidance_scale: float, classifier, classifier_scale: float):
+    """The denoiser with classifier-free (w) and/or classifier (s) guidance, or ValueError saying why not."""
+    from difflab.guidance import guided_denoiser
 
-    return classifier_free_denoiser(denoiser, cfg.sample.guidance_scale)
+    for what, value in (("guidance scale w", guidance_scale), ("classifier scale s", classifier_scale)):
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"the {what} must be a finite number >= 0, got {value}")
+    num_classes = getattr(cfg.model, "num_classes", None)
+    if guidance_scale > 0:
+        if num_classes is None:
+            raise ValueError(
+                "--guidance W (classifier-free) needs a class-conditional run trained with diffusion.p_uncond > 0; "
+                "this model is unconditional: guide it with a noisy classifier (--classifier CLF --classifier-scale S)"
+            )
+        if cfg.diffusion.p_uncond <= 0 or not getattr(cfg.model, "class_null", False):
+            raise ValueError(
+                "--guidance W (classifier-free) needs a run trained with label dropout (diffusion.p_uncond > 0, "
+                "model.class_null: true); this run never learned the unconditional model"
+            )
+    if classifier_scale > 0 and classifier is None:
+        raise ValueError("--classifier-scale S needs a noisy classifier (--classifier CLF)")
+    if not guidance_scale and classifier is None:
+        return denoiser
+    return guided_denoiser(denoiser, guidance_scale=guidance_scale, classifier=classifier,
+                           classifier_scale=classifier_scale, conditional_model=num_classes is not None)
 
 
 def draw_samples(
@@ -75,9 +103,12 @@ def draw_samples(
     sampler: str | None = None,
     steps: int | None = None,
     eta: float | None = None,
-    label: int | None = None,
+    label: int | str | None = None,
     seed: int | None = None,
     batch: int | None = None,
+    guidance_scale: float | None = None,
+    classifier=None,
+    classifier_scale: float | None = None,
     distributed: bool = True,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,10 +116,17 @@ def draw_samples(
 
     Every argument left ``None`` takes the run's ``sample`` section. ``steps`` respaces the process
     (ancestral / DDIM) or sets the solver's step count; ``eta`` applies to samplers that take it.
+    ``label``: a class index, or None / ``"all"`` for labels cycling over the classes (of the model, or
+    of ``classifier`` for an unconditional model). Guidance (:func:`difflab.guidance.guided_denoiser`):
+    ``guidance_scale`` w is classifier-free (a run trained with p_uncond > 0); ``classifier`` (a loaded
+    noisy classifier, e.g. :func:`difflab.train.classifier.load_classifier`) with ``classifier_scale``
+    s > 0 is ADM classifier guidance, checked against the model's schedule and image size.
     With ``distributed`` and an initialised process group, the batches are split across ranks and
     every rank returns all ``n`` samples.
     """
     sc = cfg.sample
+    guidance_scale = sc.guidance_scale if guidance_scale is None else float(guidance_scale)
+    classifier_scale = sc.classifier_scale if classifier_scale is None else float(classifier_scale)
     n = sc.n if n is None else n
     batch = sc.batch if batch is None else batch
     seed = sc.seed if seed is None else seed
@@ -109,10 +147,14 @@ def draw_samples(
         kwargs["eta"] = sc.eta if eta is None else eta
     elif eta is not None:
         raise ValueError(f"sampler {name!r} takes no eta")
-    labels = _labels(cfg, n, label)
-    denoiser = _guided(denoiser, cfg)
     param = next(iter(getattr(denoiser.net, "parameters", lambda: iter([torch.empty(0)]))()), torch.empty(0))
     device = param.device
+    num_classes = getattr(cfg.model, "num_classes", None)
+    if num_classes is None and classifier is not None:
+        info = getattr(classifier, "diffusion_info", None)
+        num_classes = info.num_classes if info is not None else classifier.config.out_channels
+    labels = _labels(num_classes, n, label)
+    denoiser = _guided(denoiser, cfg, guidance_scale, classifier, classifier_scale)
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     rank, world = (dist_utils.get_rank(), dist_utils.get_world_size()) if distributed else (0, 1)
     mine = []
@@ -146,9 +188,12 @@ def sample_run(
     sampler: str | None = None,
     steps: int | None = None,
     eta: float | None = None,
-    label: int | None = None,
+    label: int | str | None = None,
     seed: int | None = None,
     batch: int | None = None,
+    guidance_scale: float | None = None,
+    classifier=None,
+    classifier_scale: float | None = None,
     grid=None,
     npz=None,
     ema: str | float | None = None,
@@ -158,7 +203,9 @@ def sample_run(
     """``difflab sample``: load a run, draw samples (split across ranks under torchrun), and write a
     PNG grid and/or an ``.npz`` at the data's native size (rank 0). Returns the paths written.
 
-    Without ``grid`` and ``npz`` both are written to ``RUN/samples/<sampler>_<n>.{png,npz}``.
+    ``label`` (an index or ``"all"``), ``guidance_scale`` w, ``classifier`` (a classifier file or run
+    folder; default ``sample.classifier``) and ``classifier_scale`` s: see :func:`draw_samples`.
+    Without ``grid`` and ``npz`` both are written to ``RUN/samples/<sampler>_<n>[_w<w>][_s<s>].{png,npz}``.
     """
     from pathlib import Path
 
@@ -172,13 +219,22 @@ def sample_run(
     for path, suffix in ((grid, ".png"), (npz, ".npz")):
         if path is not None and Path(path).suffix.lower() != suffix:
             raise ValueError(f"{path}: expected a {suffix} file name")
+    classifier = classifier if classifier is not None else cfg.sample.classifier
+    if classifier is not None:
+        from difflab.train.classifier import load_classifier
+
+        classifier = load_classifier(classifier, device=info.device)
     cfg, _, denoiser = load_run(run_dir, ema=resolve_ema(cfg, ema), checkpoint=checkpoint, device=info.device)
     x, labels = draw_samples(denoiser, cfg, n=n, sampler=name, steps=steps, eta=eta, label=label, seed=seed,
-                             batch=batch, progress=progress and info.rank == 0)
+                             batch=batch, guidance_scale=guidance_scale, classifier=classifier,
+                             classifier_scale=classifier_scale, progress=progress and info.rank == 0)
     if info.rank != 0:
         return []
     if grid is None and npz is None:
-        stem = Path(run_dir) / "samples" / f"{name}_{len(x)}"
+        w = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+        s = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
+        tags = (f"_w{w:g}" if w else "") + (f"_s{s:g}" if s and classifier is not None else "")
+        stem = Path(run_dir) / "samples" / f"{name}_{len(x)}{tags}"
         grid, npz = stem.with_suffix(".png"), stem.with_suffix(".npz")
     images = to_uint8(x, cfg.data)
     written = []

@@ -463,8 +463,11 @@ def guided_denoiser(
     classifier_scale: float = 0.0,
     conditional_model: bool | None = None,
 ) -> Denoiser | ClassifierGuidance:
-    """The denoiser a sampling command wants: classifier-free (w > 0), then classifier-guided (s > 0).
+    """The denoiser a sampling command wants: classifier-free (w > 0), then classifier-guided.
 
+    A given ``classifier`` always wraps the result in :class:`ClassifierGuidance`, even at s = 0
+    (the identity): its fit to the model is checked and an unconditional model gets no labels, so
+    a sweep over s starts from the same labelled, unguided samples.
     Raises ValueError for guidance that cannot be done: s > 0 without a classifier, or w > 0 on an
     unconditional model (which needs a classifier instead).
     """
@@ -473,6 +476,6 @@ def guided_denoiser(
     out: Denoiser | ClassifierGuidance = denoiser
     if guidance_scale:
         out = classifier_free_denoiser(denoiser, guidance_scale, null_label)
-    if classifier is not None and classifier_scale:
+    if classifier is not None:
         out = ClassifierGuidance(out, classifier, classifier_scale, conditional_model=conditional_model)
     return out

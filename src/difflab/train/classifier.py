@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,7 +33,8 @@ from difflab.process import Process, q_sample
 
 Tensor = torch.Tensor
 
-__all__ = ["classifier_losses", "accuracy_by_noise_level", "train_classifier", "save_classifier", "load_classifier"]
+__all__ = ["classifier_losses", "accuracy_by_noise_level", "train_classifier", "save_classifier", "load_classifier",
+           "CLASSIFIER_FILE"]
 
 _META_KEY = "difflab"
 
@@ -135,6 +137,7 @@ def train_classifier(
     schedule: str | None = None,
     log_every: int = 0,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    max_seconds: float | None = None,
 ) -> list[dict[str, float]]:
     """Train a noisy classifier with AdamW for ``steps`` steps (guided-diffusion ``classifier_train.py``).
 
@@ -145,6 +148,7 @@ def train_classifier(
         schedule: a name for the process (e.g. "cosine/1000"), kept in the info for messages.
         log_every: record mean loss / accuracy every this many steps (0 = only the last step).
         callback: called with each record.
+        max_seconds: stop after the step that ends past this wall-clock budget (its record is kept).
     Returns:
         the records ``{"step", "loss", "accuracy", "lr"}``. Sets ``classifier.diffusion_info``.
     """
@@ -159,6 +163,7 @@ def train_classifier(
     sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
     image_size = None
     num_classes = None
+    start = time.perf_counter()
     for step in range(steps):
         try:
             x0, y = next(it)
@@ -181,13 +186,16 @@ def train_classifier(
         sums["loss"] += loss.item()
         sums["accuracy"] += terms["correct"].float().mean().item()
         sums["n"] += 1
-        if (log_every and (step + 1) % log_every == 0) or step == steps - 1:
+        out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
+        if (log_every and (step + 1) % log_every == 0) or step == steps - 1 or out_of_time:
             rec = {"step": step + 1, "loss": sums["loss"] / sums["n"], "accuracy": sums["accuracy"] / sums["n"],
                    "lr": cur_lr}
             records.append(rec)
             if callback is not None:
                 callback(rec)
             sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
+        if out_of_time:
+            break
     if image_size is not None:
         classifier.diffusion_info = ClassifierInfo.from_process(process, image_size, num_classes, schedule)
     classifier.eval()
@@ -211,12 +219,20 @@ def save_classifier(path: str | os.PathLike, classifier: torch.nn.Module, info: 
     atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata={_META_KEY: json.dumps(meta)}))
 
 
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A :class:`~difflab.nn.classifier.Classifier` from :func:`save_classifier`'s file, with its
-    ``diffusion_info`` set, in eval mode."""
+    """A :class:`~difflab.nn.classifier.Classifier` from :func:`save_classifier`'s file (or a classifier
+    run folder of ``difflab train``, holding ``classifier.safetensors``), with its ``diffusion_info``
+    set, in eval mode."""
     from difflab.config import from_dict
     from difflab.nn.classifier import Classifier, ClassifierConfig
 
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CLASSIFIER_FILE)):
+            raise ValueError(f"{path} is not a classifier run folder: {CLASSIFIER_FILE} is missing")
+        path = os.path.join(path, CLASSIFIER_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"classifier file not found: {path}")
     try:

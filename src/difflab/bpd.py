@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from difflab.build import module_device
 from difflab.config import Config
 from difflab.data import build_dataset
 from difflab.denoiser import Denoiser
@@ -63,7 +64,7 @@ def evaluate_bpd(
     if steps is not None and not 1 <= steps <= cfg.diffusion.steps:
         raise ValueError(f"steps must be in [1, {cfg.diffusion.steps}] (diffusion.steps), got {steps}")
     den = denoiser.respace(steps) if steps is not None and steps < cfg.diffusion.steps else denoiser
-    device = next(iter(den.net.parameters())).device if hasattr(den.net, "parameters") else torch.device("cpu")
+    device = module_device(den.net)
     rank, world = (dist_utils.get_rank(), dist_utils.get_world_size()) if distributed else (0, 1)
     rows = []
     num_batches = -(-n // batch)

@@ -144,6 +144,13 @@ def load_run(
     return cfg, net, build_denoiser(cfg, net)
 
 
+def module_device(net) -> torch.device:
+    """The device of a network's first parameter (CPU for a callable without parameters)."""
+    params = getattr(net, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def load_state_strict(net: nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
     """``net.load_state_dict(state)`` with every missing, unexpected or mis-shaped key named in a ValueError."""
     own = net.state_dict()

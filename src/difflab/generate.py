@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from difflab.build import module_device
 from difflab.config import Config
 from difflab.denoiser import Denoiser
 from difflab.train import distributed as dist_utils
@@ -147,8 +148,7 @@ def draw_samples(
         kwargs["eta"] = sc.eta if eta is None else eta
     elif eta is not None:
         raise ValueError(f"sampler {name!r} takes no eta")
-    param = next(iter(getattr(denoiser.net, "parameters", lambda: iter([torch.empty(0)]))()), torch.empty(0))
-    device = param.device
+    device = module_device(denoiser.net)
     num_classes = getattr(cfg.model, "num_classes", None)
     if num_classes is None and classifier is not None:
         info = getattr(classifier, "diffusion_info", None)

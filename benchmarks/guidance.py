@@ -147,7 +147,9 @@ def _plot(results: dict, floor: dict, out: Path) -> None:
             ax.plot([r["scale"] for r in rows], [r[key] for r in rows], "o-", label="samples")
             ax.axhline(floor[key], color="grey", ls="--", lw=1, label=f"real train, n={floor['n']}")
             ax.set_xlabel(f"{symbol}")
-            ax.set_title(key)
+            ax.set_title(key + (" (log)" if key == "fd" else ""))
+            if key == "fd":
+                ax.set_yscale("log")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"MNIST-5k, {title}: {rows[0]['n']} samples per point vs mnist5k-test")

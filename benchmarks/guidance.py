@@ -52,6 +52,29 @@ class NullLabelNet(nn.Module):
         return self.net(x, t, y=torch.full((x.shape[0],), self.null, dtype=torch.long, device=x.device))
 
 
+def _update(path: Path, change) -> dict:
+    """Read the JSON at ``path``, apply ``change(doc)``, write it back atomically; under a file lock, so
+    that sweeps running in parallel processes (e.g. ``--s ''`` and ``--w ''``) merge their points."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    name = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"difflab-guidance-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = json.loads(path.read_text()) if path.is_file() else {}
+        change(doc)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(path)
+    return doc
+
+
+def _set_point(kind: str, key: str, result: dict):
+    """The change that files one point's result under ``results[kind][key]``."""
+    return lambda doc: doc["results"][kind].__setitem__(key, result)
+
+
 def _train_if_needed(config: str, run: Path, minutes: float, done: bool) -> None:
     """``difflab train CONFIG --out RUN --max-minutes M`` unless ``done`` (niced: the CPU is shared)."""
     if done:
@@ -211,7 +234,8 @@ def _markdown(doc: dict) -> str:
     lines += ["![samples](guidance_samples.png)", "", "## Models", ""]
     for name, info in doc["models"].items():
         lines.append(f"- **{name}**: `{json.dumps(info)}`")
-    lines += ["", f"Command: `{doc['command']}`; {doc['machine']}; torch {doc['versions']['torch']}, "
+    commands = "; ".join(f"`{c}`" for c in doc["commands"])
+    lines += ["", f"Commands: {commands}; {doc['machine']}; torch {doc['versions']['torch']}, "
               f"python {doc['versions']['python']}; {doc['date']}.", ""]
     return "\n".join(lines)
 
@@ -233,7 +257,6 @@ def main(argv=None) -> int:
     p.add_argument("--floor-draws", type=int, default=3, help="draws of real train images for the FD floor")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    t_start = time.time()
     from difflab.train.checkpoint import latest_checkpoint
     from difflab.train.classifier import CLASSIFIER_FILE
 
@@ -244,17 +267,20 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "guidance.json"
-    doc = json.loads(path.read_text()) if path.is_file() else {}
     setup = {"n": args.n, "sampler": args.sampler, "steps": args.steps}
-    if any(doc.get(k) != v for k, v in setup.items()):
-        doc = {}  # another setup: start over
-    doc.update(setup)
-    doc.setdefault("results", {"cfg": {}, "cg": {}})
-    grids_path = args.cfg_run / "guidance_grids.npz"
-    grids = dict(np.load(grids_path)) if grids_path.is_file() else {}
+
+    def start(doc: dict) -> None:
+        if any(doc.get(k) != v for k, v in setup.items()):
+            doc.clear()  # another setup: start over
+        doc.update(setup)
+        doc.setdefault("results", {"cfg": {}, "cg": {}})
+
+    doc = _update(path, start)
+    grids_dir = args.cfg_run / "guidance_grids"
+    grids_dir.mkdir(exist_ok=True)
     models = _load_models(args)
     clf_acc = json.loads((args.clf_run / "accuracy_by_noise.json").read_text())
-    doc["models"] = {
+    summary = {
         "cfg": _run_summary(args.cfg_run) | {"config": "configs/mnist-cfg.yaml", "max_minutes": args.max_minutes},
         "unconditional": ({"null-label half of": "cfg"} if args.uncond_run is None else _run_summary(args.uncond_run)),
         "classifier": {"run": _rel(args.clf_run),
@@ -262,25 +288,29 @@ def main(argv=None) -> int:
                        "train_seconds": clf_acc["train_seconds"],
                        "test_accuracy_by_t_band": [round(a, 3) for a in clf_acc["accuracy"]]},
     }
+    doc = _update(path, lambda d: d.__setitem__("models", summary))
     if "fd_floor" not in doc:
-        doc["fd_floor"] = _floor(args.n, args.floor_draws)
+        floor = _floor(args.n, args.floor_draws)
+        doc = _update(path, lambda d: d.setdefault("fd_floor", floor))
     for kind, scales in (("cfg", args.w), ("cg", args.s)):
-        for scale in (float(s) for s in scales.split(",")):
+        for scale in (float(s) for s in scales.split(",") if s.strip()):
             key = f"{scale:g}"
             if key in doc["results"][kind]:
                 continue
             result, first = _point(kind, scale, models, args)
-            doc["results"][kind][key] = result
-            grids[f"{kind}/{key}"] = first
-            np.savez(grids_path, **grids)
+            np.save(grids_dir / f"{kind}_{key}.npy", first)
             print(f"{kind} {key}: " + ", ".join(f"{k} {result[k]:.3f}" for k in (*METRICS, "is")), flush=True)
-            path.write_text(json.dumps(doc, indent=1) + "\n")
-    doc.update(command="nice -n 5 python benchmarks/guidance.py " + " ".join(argv or sys.argv[1:]),
-               machine=f"{platform.machine()}, {torch.get_num_threads()} threads (shared), CPU",
-               versions={"python": sys.version.split()[0], "torch": torch.__version__},
-               date=datetime.date.today().isoformat())
-    doc["seconds_this_call"] = round(time.time() - t_start, 1)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+            doc = _update(path, _set_point(kind, key, result))
+    command = "nice -n 5 python benchmarks/guidance.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def finish(d: dict) -> None:
+        d["commands"] = list(dict.fromkeys([*d.get("commands", []), command]))
+        d.update(machine=f"{platform.machine()}, {torch.get_num_threads()} thread(s) per process, shared CPU",
+                 versions={"python": sys.version.split()[0], "torch": torch.__version__},
+                 date=datetime.date.today().isoformat())
+
+    doc = _update(path, finish)
+    grids = {f"{p.stem.split('_')[0]}/{p.stem.split('_', 1)[1]}": np.load(p) for p in grids_dir.glob("*.npy")}
     _plot(doc["results"], doc["fd_floor"], args.out)
     _sample_figure(doc["results"], grids, args.out)
     (args.out / "guidance.md").write_text(_markdown(doc))

@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
             np.save(grids_dir / f"{kind}_{key}.npy", first)
             print(f"{kind} {key}: " + ", ".join(f"{k} {result[k]:.3f}" for k in (*METRICS, "is")), flush=True)
             doc = _update(path, _set_point(kind, key, result))
-    command = "nice -n 5 python benchmarks/guidance.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "nice -n 5 python benchmarks/guidance.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     def finish(d: dict) -> None:
         d["commands"] = list(dict.fromkeys([*d.get("commands", []), command]))

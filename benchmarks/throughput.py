@@ -61,6 +61,12 @@ def difflab_model(memory_format: torch.memory_format = torch.contiguous_format):
     return net, lambda m, x, t: m(x, t), memory_format
 
 
+def difflab_compiled():
+    """difflab's U-Net under ``torch.compile`` (inductor; needs a C++ compiler on CPU; minutes to compile)."""
+    net, call, fmt = difflab_model()
+    return torch.compile(net), call, fmt
+
+
 def diffusers_model():
     from diffusers import UNet2DModel
 
@@ -82,6 +88,7 @@ def lucidrains_model():
 MODELS: dict[str, Factory] = {
     "difflab": difflab_model,
     "difflab-channels-last": lambda: difflab_model(torch.channels_last),
+    "difflab-compiled": lambda: difflab_compiled(),
     "diffusers": diffusers_model,
     "lucidrains": lucidrains_model,
 }
@@ -214,15 +221,31 @@ class Bench:
         return iters * self.batch / (time.perf_counter() - t0)
 
 
-def profile_top_ops(bench: Bench, iters: int = 3, rows: int = 12) -> str:
-    """torch.profiler's table of the top ops (by self CPU time) over ``iters`` training steps."""
+CATEGORIES = {
+    "convolution": ("conv",),
+    "matmul / attention": ("bmm", "mm", "matmul", "softmax", "scaled_dot_product", "baddbmm", "linear"),
+    "group norm": ("group_norm",),
+    "optimizer": ("adam", "lerp", "addcdiv", "sqrt", "_foreach"),
+}
+
+
+def profile_top_ops(bench: Bench, iters: int = 2, rows: int = 12) -> dict:
+    """torch.profiler over ``iters`` training steps: the top-ops table (by self CPU time) and the share of
+    self CPU time per op category (convolution, matmul / attention, group norm, optimizer, other)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(iters):
             bench.train_step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    shares = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    for e in events:
+        name = e.key.lower()
+        cat = next((c for c, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
+        shares[cat] += e.self_cpu_time_total / total
+    return {"table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), "shares": shares}
 
 
 # -- report --------------------------------------------------------------------------------------------
@@ -273,9 +296,14 @@ def markdown(result: dict) -> str:
         for line in result["targets"]:
             lines.append(f"- {line}")
     if result.get("profiles"):
-        lines += ["", "## Profiles (top ops by self CPU time, 3 training steps)", ""]
-        for name, table in result["profiles"].items():
-            lines += [f"### {name}", "", "```", table.rstrip(), "```", ""]
+        lines += ["", "## Profiles (top ops by self CPU time, 2 training steps)", ""]
+        lines += ["Share of self CPU time in aten ops:", "",
+                  "| model | " + " | ".join(CATEGORIES) + " | other |", "|---|" + "---|" * (len(CATEGORIES) + 1)]
+        for name, prof in result["profiles"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * v:.0f}%" for v in prof["shares"].values()) + " |")
+        lines.append("")
+        for name, prof in result["profiles"].items():
+            lines += [f"### {name}", "", "```", prof["table"].rstrip(), "```", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
         frac = d["train_flops_frac"]
         targets.append(f"difflab training FLOP/s vs same-run matmul: {100 * frac:.0f}% (target >= 70%): "
                        f"{'met' if frac >= 0.7 else 'MISSED'}")
-    profiles = {n: profile_top_ops(b) for n, b in benches.items()} if args.profile else {}
     cmd = " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])
     result = {
         "what": "U-Net training / sampling throughput at matched parameters, same process",
@@ -351,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(), "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "batch": args.batch, "res": args.res, "rounds": args.rounds,
         "matmul_n": 2048, "matmul_gflops": mm / 1e9, "matmul_rounds_gflops": [m / 1e9 for m in matmul],
-        "models": rows, "targets": targets, "profiles": profiles,
+        "models": rows, "targets": targets, "profiles": {},
     }
-    print(markdown({**result, "profiles": {}}))
+    print(markdown(result), flush=True)
+    if args.profile:
+        result["profiles"] = {n: profile_top_ops(b, iters=2) for n, b in benches.items()}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

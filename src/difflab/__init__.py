@@ -33,7 +33,19 @@ from difflab.process import (
     q_posterior_mean_variance,
     q_sample,
 )
-from difflab.samplers import ddim_invert, ddim_reverse_sample, ddim_sample, p_sample, sample_ancestral, sample_ddim
+from difflab.samplers import (
+    SAMPLERS,
+    ddim_invert,
+    ddim_reverse_sample,
+    ddim_sample,
+    get_sampler,
+    p_sample,
+    sample_ancestral,
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_heun,
+)
 from difflab.schedules import betas_for_alpha_bar, get_named_beta_schedule, space_timesteps
 from difflab.timesteps import LossSecondMomentResampler, UniformSampler, create_timestep_sampler
 
@@ -47,6 +59,7 @@ __all__ = [
     "normal_kl", "discretized_gaussian_log_likelihood", "training_losses", "vb_terms_bpd",
     "calc_bpd_loop", "prior_bpd",
     "p_sample", "sample_ancestral", "ddim_sample", "ddim_reverse_sample", "sample_ddim", "ddim_invert",
+    "sample_dpmpp_2m", "sample_euler", "sample_heun", "SAMPLERS", "get_sampler",
     "UniformSampler", "LossSecondMomentResampler", "create_timestep_sampler",
     "ClassifierGuidance", "ClassifierFreeGuidance", "ClassifierInfo", "classifier_free_denoiser",
     "classifier_grad_fn", "drop_labels", "guided_denoiser",

@@ -101,10 +101,14 @@ class Process:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def check_t(self, t: Tensor) -> Tensor:
-        """Validate integer step indices [N] in [0, T)."""
+        """Validate integer step indices [N] in [0, T).
+
+        The range is checked for CPU tensors only: on an accelerator it would cost two host syncs per
+        network call (an out-of-range index still fails there, in the gather).
+        """
         if not isinstance(t, Tensor) or t.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"timesteps must be an integer tensor, got {type(t).__name__} {getattr(t, 'dtype', '')}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(
                 f"timesteps out of range: got {int(t.min())}..{int(t.max())}, valid 0..{self.num_timesteps - 1}"
             )

@@ -168,7 +168,7 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
 def test_miniature_configs_fit_their_data():
     from difflab.data import build_dataset
 
-    for name, size in (("mnist-tiny", 8), ("mnist-default", 32)):
+    for name, size in (("mnist-tiny", 8), ("mnist-default", 28)):
         cfg = load_config(CONFIGS / f"{name}.yaml")
         ds = build_dataset(cfg.data, seed=cfg.train.seed)
         x, _ = ds[0]

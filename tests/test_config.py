@@ -82,7 +82,7 @@ def test_overrides_parse_yaml_values_and_nest(tmp_path):
         (["diffusion.loss_type=l1"], "diffusion.loss_type", ["'mse'", "'hybrid'", "'kl'", "'rescaled_kl'"]),
         (["diffusion.timestep_sampler=x"], "diffusion.timestep_sampler", ["'uniform'", "'loss_second_moment'"]),
         (["data.source=cifar"], "data.source", ["'mnist5k'", "'digits'", "'folder'", "'npz'"]),
-        (["sample.sampler=euler"], "sample.sampler", ["'ancestral'", "'ddim'"]),
+        (["sample.sampler=euler_a"], "sample.sampler", ["'ancestral'", "'ddim'"]),
         (["diffusion.steps=-5"], "diffusion.steps", [">= 1", "-5"]),
         (["train.lr=0"], "train.lr", ["> 0"]),
         (["train.lr=-1e-4"], "train.lr", ["> 0"]),

@@ -5,6 +5,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """One intra-op thread for the whole run: the tests use tiny tensors, for which extra threads only
+    add overhead, and on a busy 2-core machine their spinning made tests up to 10x slower."""
+    import torch
+
+    torch.set_num_threads(1)
+
 SHARED = ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "openai"
 

@@ -232,7 +232,12 @@ def _markdown(doc: dict) -> str:
             lines.append(f"| {r['scale']:g} | {_fmt(r['accuracy'])} | {_fmt(r['fd'])} | {_fmt(r['precision'])} | "
                          f"{_fmt(r['recall'])} | {_fmt(r['is'])} | {r['sample_seconds']:.0f} |")
         lines += ["", f"![{kind}](guidance_{kind}.png)", ""]
-    lines += ["![samples](guidance_samples.png)", "", "## Models", ""]
+    lines += ["![samples](guidance_samples.png)", "", "## Models", "",
+              "Trained with `OMP_NUM_THREADS=1 nice -n 5 difflab train configs/mnist-cfg.yaml --out runs/mnist-cfg "
+              f"--max-minutes {doc['models']['cfg']['max_minutes']:g}` and `OMP_NUM_THREADS=1 nice -n 5 difflab train "
+              "configs/mnist-classifier.yaml --out runs/mnist-classifier --max-minutes "
+              f"{doc['models']['classifier']['train_seconds'] / 60:.0f}` (what the script runs when a run is missing), "
+              "wall-clock minutes on 2 cores shared with other jobs.", ""]
     for name, info in doc["models"].items():
         lines.append(f"- **{name}**: `{json.dumps(info)}`")
     commands = "; ".join(f"`{c}`" for c in doc["commands"])

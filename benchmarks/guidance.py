@@ -282,8 +282,8 @@ def main(argv=None) -> int:
         doc.setdefault("results", {"cfg": {}, "cg": {}})
 
     doc = _update(path, start)
-    grids_dir = args.cfg_run / "guidance_grids"
-    grids_dir.mkdir(exist_ok=True)
+    grids_dir = args.cfg_run / "guidance_grids" / f"{args.sampler}{args.steps}_n{args.n}"
+    grids_dir.mkdir(parents=True, exist_ok=True)
     models = _load_models(args)
     clf_acc = json.loads((args.clf_run / "accuracy_by_noise.json").read_text())
     summary = {

@@ -38,6 +38,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
 METRICS = ("accuracy", "fd", "precision", "recall")
+ALGORITHM = {"ddim": " (eta 0; classifier guidance by ADM Alg. 2)", "ancestral": " (classifier guidance by ADM Alg. 1)"}
 
 
 class NullLabelNet(nn.Module):
@@ -217,15 +218,17 @@ def _fmt(x, std=None) -> str:
 def _markdown(doc: dict) -> str:
     f = doc["fd_floor"]
     lines = ["# Guidance sweeps on MNIST-5k (miniature of ADM Fig./Tab. and CFG Tab. 1)", "",
-             f"Samples: {doc['n']} per point, labels cycling 0..9, `{doc['sampler']}` with {doc['steps']} steps "
-             f"(eta 0), the same seeds at every scale; metrics in difflab's MNIST-classifier features against "
+             f"Samples: {doc['n']} per point, labels cycling 0..9, `{doc['sampler']}` with {doc['steps']} steps"
+             f"{ALGORITHM.get(doc['sampler'], '')}"
+             f", the same seeds at every scale; metrics in difflab's MNIST-classifier features against "
              f"the 1,000 mnist5k-test images (k = 3). FD depends on n: the floor below is measured at the same n.", "",
              f"**FD floor** ({f['n']} random real train images vs test, {f['draws']} draws): "
              f"FD {_fmt(f['fd'], f['fd_std'])}, "
              f"precision {_fmt(f['precision'], f['precision_std'])}, recall {_fmt(f['recall'], f['recall_std'])}, "
              f"accuracy {_fmt(f['accuracy'])} (the 1,000-sample floor is in [fd_floor.md](fd_floor.md)).", ""]
     for kind, title, symbol in (("cfg", "Classifier-free guidance (CFG eq. 6: (1+w) eps(x,y) - w eps(x,null))", "w"),
-                                ("cg", "Classifier guidance (ADM Alg. 2, DDIM: eps - sqrt(1-abar) s grad log p)", "s")):
+                                ("cg", "Classifier guidance (ADM: Alg. 1 mu + s Sigma g for ancestral, "
+                                       "Alg. 2 eps - sqrt(1-abar) s g otherwise)", "s")):
         lines += [f"## {title}", "", f"| {symbol} | accuracy | FD | precision | recall | classifier IS | sampling s |",
                   "|---|---|---|---|---|---|---|"]
         for r in sorted(doc["results"][kind].values(), key=lambda r: r["scale"]):

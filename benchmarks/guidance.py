@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -215,7 +216,7 @@ def _fmt(x, std=None) -> str:
     return "-" if x is None else (f"{x:.3f}" if std is None else f"{x:.3f} ± {std:.3f}")
 
 
-def _markdown(doc: dict) -> str:
+def _markdown(doc: dict, floor_link: str = "fd_floor.md") -> str:
     f = doc["fd_floor"]
     lines = ["# Guidance sweeps on MNIST-5k (miniature of ADM Fig./Tab. and CFG Tab. 1)", "",
              f"Samples: {doc['n']} per point, labels cycling 0..9, `{doc['sampler']}` with {doc['steps']} steps"
@@ -225,7 +226,7 @@ def _markdown(doc: dict) -> str:
              f"**FD floor** ({f['n']} random real train images vs test, {f['draws']} draws): "
              f"FD {_fmt(f['fd'], f['fd_std'])}, "
              f"precision {_fmt(f['precision'], f['precision_std'])}, recall {_fmt(f['recall'], f['recall_std'])}, "
-             f"accuracy {_fmt(f['accuracy'])} (the 1,000-sample floor is in [fd_floor.md](fd_floor.md)).", ""]
+             f"accuracy {_fmt(f['accuracy'])} (the 1,000-sample floor is in [fd_floor.md]({floor_link})).", ""]
     for kind, title, symbol in (("cfg", "Classifier-free guidance (CFG eq. 6: (1+w) eps(x,y) - w eps(x,null))", "w"),
                                 ("cg", "Classifier guidance (ADM: Alg. 1 mu + s Sigma g for ancestral, "
                                        "Alg. 2 eps - sqrt(1-abar) s g otherwise)", "s")):
@@ -322,8 +323,9 @@ def main(argv=None) -> int:
     grids = {f"{p.stem.split('_')[0]}/{p.stem.split('_', 1)[1]}": np.load(p) for p in grids_dir.glob("*.npy")}
     _plot(doc["results"], doc["fd_floor"], args.out)
     _sample_figure(doc["results"], grids, args.out)
-    (args.out / "guidance.md").write_text(_markdown(doc))
-    print(_markdown(doc))
+    text = _markdown(doc, os.path.relpath(OUT / "fd_floor.md", args.out))
+    (args.out / "guidance.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -53,13 +53,15 @@ def _labels(num_classes: int | None, n: int, label: int | str | None) -> torch.T
     ``num_classes`` is that of the class-conditional model, or of the guiding classifier; None
     (an unconditional model alone) takes no label.
     """
+    explicit_all = False
     if isinstance(label, str):
         text = label.strip().lower()
         if text != "all" and not text.lstrip("-").isdigit():
             raise ValueError(f"--label must be a class index or 'all', got {label!r}")
-        label = None if text == "all" else int(text)
+        explicit_all = text == "all"
+        label = None if explicit_all else int(text)
     if num_classes is None:
-        if label is not None:
+        if label is not None or explicit_all:
             raise ValueError("--label needs a class-conditional run or a classifier (this model is unconditional)")
         return None
     if label is not None and not 0 <= label < num_classes:

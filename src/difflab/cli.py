@@ -75,7 +75,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from difflab.train.classifier_trainer import classifier_config_of, run_classifier_command
-    from difflab.train.distributed import cleanup, is_main
+    from difflab.train.distributed import is_main
     from difflab.train.trainer import TrainingDiverged, resolve_train_config, train
 
     if classifier_config_of(args.config, args.resume):  # task: classifier -> a noisy classifier (ADM Sec. 4)
@@ -90,8 +90,6 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"difflab: error: training diverged: {e}; stopped without saving that state "
                   f"(the last good checkpoint in {run_dir} is untouched)", file=sys.stderr)
         return 1
-    finally:
-        cleanup()
     if is_main():
         print(f"step {result.step} ({result.stopped}, {result.seconds / 60:.1f} min); run folder: {run_dir}")
     return 0
@@ -206,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``difflab``; returns the exit status (2 on bad input)."""
+    from difflab.train.distributed import cleanup
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -215,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line
         print(f"difflab: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun every command leaves the process group before the interpreter exits: a gloo
+        # group torn down by exit instead can abort ("terminate called without an active exception").
+        cleanup()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""Shared machinery of the sampling benchmarks: cached result cells, split over processes, and scoring.
+
+A benchmark is a list of :class:`Cell` (a key, a cost estimate in network evaluations, a function that
+returns a JSON-able dict). Each cell's result is cached as ``CACHE/<key>.json``, so a run that is
+stopped continues where it was, and ``--part k/m`` lets m processes (one CPU thread each) share the
+cells: process k takes the cells a longest-first greedy split assigns to it. A run without ``--part``
+computes whatever is missing and then writes the tables.
+
+Samples are drawn from noise seeded by ``(seed, batch index)``, the same for every sampler and step
+count (common random numbers: differences between rows are the samplers', not the noise's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difflab.images import to_uint8
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: ``key`` (a file-name-safe id), ``cost`` (network evaluations, for the split)."""
+
+    key: str
+    cost: float
+    compute: Callable[[], dict]
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """``"k/m"`` (0 <= k < m) -> (k, m); None -> None."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise ValueError(f"--part must be k/m with 0 <= k < m, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def assign(cells: list[Cell], parts: int) -> list[int]:
+    """Longest-processing-time-first split: the part index of each cell (deterministic)."""
+    load = [0.0] * parts
+    owner = [0] * len(cells)
+    for i in sorted(range(len(cells)), key=lambda i: (-cells[i].cost, cells[i].key)):
+        p = min(range(parts), key=lambda p: (load[p], p))
+        owner[i] = p
+        load[p] += cells[i].cost
+    return owner
+
+
+def run_cells(cells: list[Cell], cache: Path, part: tuple[int, int] | None = None) -> dict[str, dict] | None:
+    """Compute this part's missing cells (all, without ``part``); return every result when all are cached."""
+    cache.mkdir(parents=True, exist_ok=True)
+    keys = [c.key for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ValueError("cell keys must be unique")
+    owner = assign(cells, part[1]) if part else [0] * len(cells)
+    for cell, who in zip(cells, owner, strict=True):
+        path = cache / f"{cell.key}.json"
+        if path.exists() or (part and who != part[0]):
+            continue
+        t0 = time.time()
+        result = {**cell.compute(), "seconds": round(time.time() - t0, 1)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, path)
+        print(f"{cell.key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in result.items()), flush=True)
+    missing = [k for k in keys if not (cache / f"{k}.json").exists()]
+    if missing:
+        print(f"{len(missing)} cells still to compute (other parts): {', '.join(missing[:6])}...")
+        return None
+    return {k: json.loads((cache / f"{k}.json").read_text()) for k in keys}
+
+
+_RUNS: dict = {}
+
+
+def load(run: str, var_type: str | None = None):
+    """(cfg, denoiser) of a run folder with its default sampling EMA, loaded once per process;
+    ``var_type`` swaps the reverse variance of a fixed-variance model (fixed_small <-> fixed_large)."""
+    from difflab.build import load_run, load_run_config, resolve_ema
+    from difflab.denoiser import Denoiser
+    from difflab.prediction import Parameterization
+
+    if run not in _RUNS:
+        cfg = load_run_config(run)
+        _RUNS[run] = load_run(run, ema=resolve_ema(cfg, None))[::2]
+    cfg, den = _RUNS[run]
+    if var_type is not None and var_type != den.parameterization.var_type:
+        if "learned" in (var_type + den.parameterization.var_type):
+            raise ValueError(f"{run}: cannot sample a {den.parameterization.var_type} model with {var_type}")
+        den = Denoiser(den.net, den.process, Parameterization(den.parameterization.mean_type, var_type))
+    return cfg, den
+
+
+def sample_cell(run: str, sampler: str, steps: int, *, n: int, batch: int, seed: int = 0, var_type=None,
+                fn=None, **kwargs) -> Cell:
+    """The FD cell of ``n`` samples of ``run`` with ``sampler`` (a difflab sampler name, or any name with
+    ``fn``) over ``steps`` steps; keyed by everything that changes the samples."""
+    from difflab.samplers import SAMPLERS
+
+    extra = "".join(f"-{k}{v}" for k, v in sorted(kwargs.items()))
+    key = f"{Path(run).name}-{sampler}{steps}{'-' + var_type if var_type else ''}{extra}-n{n}-b{batch}-s{seed}"
+
+    def compute() -> dict:
+        cfg, den = load(run, var_type)
+        shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+        x = draw(fn or SAMPLERS[sampler], den, shape, n, batch, seed, steps=steps,
+                 clip_denoised=cfg.sample.clip_denoised, **kwargs)
+        return score(x, cfg.data)
+
+    return Cell(key, float(n * steps), compute)
+
+
+def draw(fn, denoiser, shape: tuple[int, ...], n: int, batch: int, seed: int, device="cpu", labels=None,
+         **kwargs) -> torch.Tensor:
+    """n samples [n, *shape] from ``fn(denoiser, x_T, ...)``; batch k starts from noise seeded (seed, k)."""
+    out = []
+    for k, lo in enumerate(range(0, n, batch)):
+        hi = min(n, lo + batch)
+        g = torch.Generator(device).manual_seed(seed * 100_003 + k)
+        x_T = torch.randn((hi - lo, *shape), generator=g, device=device)
+        mk = {"y": labels[lo:hi].to(device)} if labels is not None else None
+        out.append(fn(denoiser, x_T, generator=g, model_kwargs=mk, **kwargs).float().cpu())
+    return torch.cat(out)
+
+
+def score(x: torch.Tensor, data_cfg, labels=None) -> dict:
+    """FD, precision and recall (and accuracy with labels) of samples in [-1, 1] against the MNIST-5k test split."""
+    from difflab.eval.report import evaluate
+
+    metrics = evaluate(to_uint8(x, data_cfg), labels.numpy() if labels is not None else None)
+    return {k: metrics[k] for k in ("fd", "precision", "recall", "accuracy") if k in metrics}
+
+
+def add_cell_arguments(p) -> None:
+    """``--cache`` and ``--part`` of every cell benchmark."""
+    p.add_argument("--cache", metavar="DIR", help="cell cache folder (default: under runs/cells/)")
+    p.add_argument("--part", metavar="k/m", help="compute only part k of m (run m processes, then once without)")

@@ -1,0 +1,73 @@
+"""Quality per CPU budget (BENCHMARKS.md): difflab's MNIST FD against lucidrains' denoising-diffusion-pytorch
+trained for the same wall-clock time on the same machine and data, both scored by difflab's own code.
+
+The peer's row comes from benchmarks/lucidrains_mnist.py (its JSON); difflab's row samples ``--n`` images
+from a difflab run with the same number of network evaluations per image as the peer's sampler (50)
+and scores them the same way. The bar: difflab's FD at most 0.7x the peer's.
+
+    OMP_NUM_THREADS=1 /work/benchenv/bin/python benchmarks/lucidrains_mnist.py --minutes 24 --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/quality_vs_lucidrains.py --run runs/mnist-uncond-v
+
+Writes docs/results/quality-vs-lucidrains.json and quality-vs-lucidrains-table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+from cells import add_cell_arguments, parse_part, run_cells, sample_cell
+from difflab.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="runs/mnist-uncond-v", help="difflab run trained for the same budget")
+    p.add_argument("--peer", default="runs/lucidrains-mnist/result.json", help="lucidrains_mnist.py's JSON")
+    p.add_argument("--sampler", default="ancestral")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=125)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(OUT))
+    add_cell_arguments(p)
+    args = p.parse_args(argv)
+    cell = sample_cell(args.run, args.sampler, args.steps, n=args.n, batch=args.batch, seed=args.seed)
+    results = run_cells([cell], Path(args.cache or ROOT / "runs" / "cells"), parse_part(args.part))
+    if results is None or not args.out:
+        return 0
+    ours = results[cell.key]
+    peer = json.loads(Path(args.peer).read_text())
+    log = read_metrics(Path(args.run) / "metrics.jsonl")
+    rows = [
+        {"library": "difflab", "run": args.run, "train_steps": log[-1]["step"],
+         "sampler": f"{args.sampler}, {args.steps} steps", **{k: ours[k] for k in ("fd", "precision", "recall")}},
+        {"library": "denoising-diffusion-pytorch", "run": args.peer, "train_steps": peer["steps"],
+         "sampler": "its DDIM, 50 steps", **{k: peer[k] for k in ("fd", "precision", "recall")}},
+    ]
+    ratio = ours["fd"] / peer["fd"]
+    record = {"what": "FD after the same CPU budget, difflab vs lucidrains, n samples vs the MNIST-5k test split",
+              "rows": rows, "fd_ratio": ratio, "target": "<= 0.7", "n": args.n, "peer_record": peer,
+              "command": " ".join(["python", "benchmarks/quality_vs_lucidrains.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
+              "date": datetime.date.today().isoformat()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality-vs-lucidrains.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["| library | train steps | sampler | FD | precision | recall |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['library']} | {r['train_steps']} | {r['sampler']} | {r['fd']:.3f} | {r['precision']:.3f} | "
+              f"{r['recall']:.3f} |" for r in rows]
+    lines.append(f"\nFD ratio difflab / lucidrains: {ratio:.2f} (target <= 0.7)")
+    (out / "quality-vs-lucidrains-table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,9 +2,10 @@
 
 A benchmark is a list of :class:`Cell` (a key, a cost estimate in network evaluations, a function that
 returns a JSON-able dict). Each cell's result is cached as ``CACHE/<key>.json``, so a run that is
-stopped continues where it was, and ``--part k/m`` lets m processes (one CPU thread each) share the
-cells: process k takes the cells a longest-first greedy split assigns to it. A run without ``--part``
-computes whatever is missing and then writes the tables.
+stopped continues where it was, and any number of processes (one CPU thread each) can work on the same
+benchmarks at once: each claims a cell with a lock file before computing it. The process that finds
+every cell done writes the tables; cells shared by two benchmarks (the same run, sampler, steps, noise)
+are computed once.
 
 Samples are drawn from noise seeded by ``(seed, batch index)``, the same for every sampler and step
 count (common random numbers: differences between rows are the samplers', not the noise's).
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,48 +34,53 @@ class Cell:
     compute: Callable[[], dict]
 
 
-def parse_part(text: str | None) -> tuple[int, int] | None:
-    """``"k/m"`` (0 <= k < m) -> (k, m); None -> None."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"(\d+)/(\d+)", text)
-    if not m or not 0 <= int(m[1]) < int(m[2]):
-        raise ValueError(f"--part must be k/m with 0 <= k < m, got {text!r}")
-    return int(m[1]), int(m[2])
+def _claim(lock: Path) -> bool:
+    """Take ``lock`` for this process (False if a live process holds it; a dead holder's lock is taken over)."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                return False  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
 
 
-def assign(cells: list[Cell], parts: int) -> list[int]:
-    """Longest-processing-time-first split: the part index of each cell (deterministic)."""
-    load = [0.0] * parts
-    owner = [0] * len(cells)
-    for i in sorted(range(len(cells)), key=lambda i: (-cells[i].cost, cells[i].key)):
-        p = min(range(parts), key=lambda p: (load[p], p))
-        owner[i] = p
-        load[p] += cells[i].cost
-    return owner
-
-
-def run_cells(cells: list[Cell], cache: Path, part: tuple[int, int] | None = None) -> dict[str, dict] | None:
-    """Compute this part's missing cells (all, without ``part``); return every result when all are cached."""
+def run_cells(cells: list[Cell], cache: Path) -> dict[str, dict] | None:
+    """Compute the missing cells, longest first, skipping those another process is computing (a lock
+    file per cell); return every result once all are cached, else None."""
     cache.mkdir(parents=True, exist_ok=True)
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ValueError("cell keys must be unique")
-    owner = assign(cells, part[1]) if part else [0] * len(cells)
-    for cell, who in zip(cells, owner, strict=True):
-        path = cache / f"{cell.key}.json"
-        if path.exists() or (part and who != part[0]):
+    for cell in sorted(cells, key=lambda c: (-c.cost, c.key)):
+        path, lock = cache / f"{cell.key}.json", cache / f"{cell.key}.lock"
+        if path.exists() or not _claim(lock):
             continue
-        t0 = time.time()
-        result = {**cell.compute(), "seconds": round(time.time() - t0, 1)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)
+        try:
+            if path.exists():  # finished between the check and the claim
+                continue
+            t0 = time.time()
+            result = {**cell.compute(), "seconds": round(time.time() - t0, 1)}
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            os.replace(tmp, path)
+        finally:
+            lock.unlink(missing_ok=True)
         print(f"{cell.key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in result.items()), flush=True)
     missing = [k for k in keys if not (cache / f"{k}.json").exists()]
     if missing:
-        print(f"{len(missing)} cells still to compute (other parts): {', '.join(missing[:6])}...")
+        print(f"{len(missing)} cells still being computed by other processes: {', '.join(missing[:6])}...")
         return None
     return {k: json.loads((cache / f"{k}.json").read_text()) for k in keys}
 
@@ -105,8 +110,11 @@ def sample_cell(run: str, sampler: str, steps: int, *, n: int, batch: int, seed:
                 fn=None, **kwargs) -> Cell:
     """The FD cell of ``n`` samples of ``run`` with ``sampler`` (a difflab sampler name, or any name with
     ``fn``) over ``steps`` steps; keyed by everything that changes the samples."""
+    from difflab.build import load_run_config
     from difflab.samplers import SAMPLERS
 
+    if var_type == load_run_config(run).diffusion.var_type:
+        var_type = None  # the model's own variance: the same cell as without an override
     extra = "".join(f"-{k}{v}" for k, v in sorted(kwargs.items()))
     key = f"{Path(run).name}-{sampler}{steps}{'-' + var_type if var_type else ''}{extra}-n{n}-b{batch}-s{seed}"
 
@@ -142,6 +150,5 @@ def score(x: torch.Tensor, data_cfg, labels=None) -> dict:
 
 
 def add_cell_arguments(p) -> None:
-    """``--cache`` and ``--part`` of every cell benchmark."""
-    p.add_argument("--cache", metavar="DIR", help="cell cache folder (default: under runs/cells/)")
-    p.add_argument("--part", metavar="k/m", help="compute only part k of m (run m processes, then once without)")
+    """``--cache`` of every cell benchmark."""
+    p.add_argument("--cache", metavar="DIR", help="cell cache folder (default: runs/cells/)")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cells import add_cell_arguments, parse_part, run_cells, sample_cell
+from cells import add_cell_arguments, run_cells, sample_cell
 from difflab.build import load_run_config
 from difflab.samplers import SAMPLERS
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             if row not in grid:  # Heun reaches odd NFE only
                 grid.append(row)
     cells = [sample_cell(args.run, name, steps, fn=fns.get(name), **common) for name, _, steps in grid]
-    results = run_cells(cells, Path(args.cache or ROOT / "runs" / "cells"), parse_part(args.part))
+    results = run_cells(cells, Path(args.cache or ROOT / "runs" / "cells"))
     if results is None:
         return 0
     ref_fd = results[cells[0].key]["fd"]

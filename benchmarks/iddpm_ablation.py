@@ -7,8 +7,8 @@ the same digits and the same noise for every model (paired: differences are less
 value's standard error says). FD: ``--n`` samples by respaced ancestral sampling over ``--steps``
 steps from the same x_T for every model, against the test split (difflab MNIST-classifier features).
 
-    OMP_NUM_THREADS=1 python benchmarks/iddpm_ablation.py --part 0/2 &   # two processes, one core each
-    OMP_NUM_THREADS=1 python benchmarks/iddpm_ablation.py --part 1/2; wait
+    OMP_NUM_THREADS=1 python benchmarks/iddpm_ablation.py &   # two processes, one core each,
+    OMP_NUM_THREADS=1 python benchmarks/iddpm_ablation.py; wait  # share the cells (benchmarks/cells.py)
     python benchmarks/iddpm_ablation.py                                    # the table
 
 Writes docs/results/iddpm-ablation.json and iddpm-ablation-table.md.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cells import Cell, add_cell_arguments, load, parse_part, run_cells, sample_cell
+from cells import Cell, add_cell_arguments, load, run_cells, sample_cell
 from difflab.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for m, run in runs.items():
         cells[m, "fd"] = sample_cell(run, "ancestral", args.steps, n=args.n, batch=args.batch, seed=args.seed)
         cells[m, "bpd"] = bpd_cell(run, args.bpd_n, min(args.bpd_n, 100), args.seed)
-    results = run_cells(list(cells.values()), Path(args.cache or ROOT / "runs" / "cells"), parse_part(args.part))
+    results = run_cells(list(cells.values()), Path(args.cache or ROOT / "runs" / "cells"))
     if results is None or not args.out:
         return 0
 

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from cells import add_cell_arguments, parse_part, run_cells, sample_cell
+from cells import add_cell_arguments, run_cells, sample_cell
 from difflab.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     add_cell_arguments(p)
     args = p.parse_args(argv)
     cell = sample_cell(args.run, args.sampler, args.steps, n=args.n, batch=args.batch, seed=args.seed)
-    results = run_cells([cell], Path(args.cache or ROOT / "runs" / "cells"), parse_part(args.part))
+    results = run_cells([cell], Path(args.cache or ROOT / "runs" / "cells"))
     if results is None or not args.out:
         return 0
     ours = results[cell.key]

@@ -8,8 +8,8 @@ noise (cells.py). The paper's claim: with learned variances, 50-100 steps get cl
 while fixed variances degrade quickly below ~100 steps; DDIM is better than both below ~50 steps.
 
     bash benchmarks/iddpm_ablation_train.sh runs/ablation      # trains the two models (and four more)
-    OMP_NUM_THREADS=1 python benchmarks/sampling_steps.py --part 0/2 &   # two processes, one core each
-    OMP_NUM_THREADS=1 python benchmarks/sampling_steps.py --part 1/2; wait
+    OMP_NUM_THREADS=1 python benchmarks/sampling_steps.py &   # two processes, one core each,
+    OMP_NUM_THREADS=1 python benchmarks/sampling_steps.py; wait  # share the cells (benchmarks/cells.py)
     python benchmarks/sampling_steps.py                        # the table and the plot
 
 Writes docs/results/sampling-steps.{json,md,png}.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cells import add_cell_arguments, parse_part, run_cells, sample_cell
+from cells import add_cell_arguments, run_cells, sample_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"eta": 0.0} if sampler == "ddim" else {}
         cells.append(sample_cell(runs[model], sampler, k, n=args.n, batch=args.batch, seed=args.seed,
                                  var_type=var, **extra))
-    results = run_cells(cells, Path(args.cache or ROOT / "runs" / "cells"), parse_part(args.part))
+    results = run_cells(cells, Path(args.cache or ROOT / "runs" / "cells"))
     if results is None or not args.out:
         return 0
 

@@ -104,11 +104,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
+    from difflab.eval.report import add_reference_arguments
+
     p = sub.add_parser(
         "sample",
         help="draw images from a trained run into a PNG grid and/or an .npz",
         description="Draw samples from RUN (config.yaml + latest checkpoint). Writes --grid and/or --npz "
-        "(arr_0 uint8 NHWC, arr_1 int64 labels); with neither, RUN/samples/<sampler>_<n>.png and .npz.",
+        "(arr_0 uint8 NHWC, arr_1 int64 labels); with neither, RUN/samples/<sampler>_<n>.png and .npz. "
+        "With --eval, then prints the samples' metrics as JSON (docs/evaluation.md).",
     )
     _add_run_arguments(p)
     p.add_argument("--n", "--num-samples", dest="n", type=int,
@@ -129,18 +132,36 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
     p.add_argument("--grid", metavar="FILE.png", help="write a PNG grid here")
     p.add_argument("--npz", metavar="FILE.npz", help="write the images and labels here")
+    p.add_argument("--eval", action="store_true", help="then evaluate the samples (with their labels) as "
+                   "difflab eval does and print its JSON; checked before sampling, sharded under torchrun")
+    add_reference_arguments(p.add_argument_group("evaluation (with --eval)"), defaults=False)
     p.set_defaults(func=_run_sample)
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from difflab.generate import sample_run
+    import json
 
-    for path in sample_run(args.run, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                           label=args.label, seed=args.seed, batch=args.batch, guidance_scale=args.guidance,
-                           classifier=args.classifier, classifier_scale=args.classifier_scale,
-                           grid=args.grid, npz=args.npz,
-                           ema=args.ema, checkpoint=args.checkpoint, progress=not args.quiet):
+    from difflab.generate import sample_and_evaluate, sample_run
+    from difflab.train.distributed import is_main
+
+    kwargs = dict(n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, label=args.label, seed=args.seed,
+                  batch=args.batch, guidance_scale=args.guidance, classifier=args.classifier,
+                  classifier_scale=args.classifier_scale, grid=args.grid, npz=args.npz, ema=args.ema,
+                  checkpoint=args.checkpoint, progress=not args.quiet)
+    given = [flag for flag, value in (("--ref", args.ref), ("--features", args.features),
+                                      ("--inception-weights", args.inception_weights)) if value is not None]
+    if not args.eval:
+        if given:
+            raise ValueError(f"{', '.join(given)}: only used with --eval (evaluate the samples)")
+        for path in sample_run(args.run, **kwargs):
+            print(f"wrote {path}")
+        return 0
+    written, metrics = sample_and_evaluate(args.run, ref=args.ref, features=args.features,
+                                           inception_weights=args.inception_weights, **kwargs)
+    for path in written:
         print(f"wrote {path}")
+    if is_main():
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

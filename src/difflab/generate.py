@@ -209,6 +209,55 @@ def sample_run(
     folder; default ``sample.classifier``) and ``classifier_scale`` s: see :func:`draw_samples`.
     Without ``grid`` and ``npz`` both are written to ``RUN/samples/<sampler>_<n>[_w<w>][_s<s>].{png,npz}``.
     """
+    written, _ = _sample_run(run_dir, None, n=n, sampler=sampler, steps=steps, eta=eta, label=label, seed=seed,
+                             batch=batch, guidance_scale=guidance_scale, classifier=classifier,
+                             classifier_scale=classifier_scale, grid=grid, npz=npz, ema=ema, checkpoint=checkpoint,
+                             progress=progress)
+    return written
+
+
+def sample_and_evaluate(run_dir, *, ref=None, features: str | None = None, inception_weights=None,
+                        eval_batch_size: int = 250, **sample_kwargs) -> tuple[list, dict]:
+    """``difflab sample --eval``: :func:`sample_run` (``sample_kwargs`` are its arguments), then the
+    metrics of the drawn images (uint8 at the data's native size, with their labels when the run is
+    class-conditional or classifier-guided) from :func:`difflab.eval.report.evaluate`, the feature
+    extraction sharded across ranks under torchrun.
+
+    ``ref`` (default ``"mnist5k-test"``), ``features`` (default ``"mnist"``), ``inception_weights``:
+    as in :func:`~difflab.eval.report.evaluate`. The extractor and the reference are loaded, and the
+    image size is checked against the feature space, before anything is drawn, so bad input costs no
+    sampling. Returns ``(paths written (rank 0; [] elsewhere), metrics (every rank))``.
+    """
+    from difflab.eval.report import DEFAULT_FEATURES, DEFAULT_REF
+
+    evaluate = {"ref": DEFAULT_REF if ref is None else ref,
+                "features": DEFAULT_FEATURES if features is None else features,
+                "inception_weights": inception_weights, "batch_size": eval_batch_size}
+    return _sample_run(run_dir, evaluate, **sample_kwargs)
+
+
+def _sample_run(
+    run_dir,
+    evaluate: dict | None,
+    *,
+    n: int | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    label: int | str | None = None,
+    seed: int | None = None,
+    batch: int | None = None,
+    guidance_scale: float | None = None,
+    classifier=None,
+    classifier_scale: float | None = None,
+    grid=None,
+    npz=None,
+    ema: str | float | None = None,
+    checkpoint=None,
+    progress: bool = False,
+) -> tuple[list, dict | None]:
+    """:func:`sample_run`, and with ``evaluate`` (keyword arguments of
+    :func:`difflab.eval.report.make_evaluator`) the metrics of the samples on every rank."""
     from pathlib import Path
 
     from difflab.build import load_run, load_run_config, resolve_ema
@@ -221,6 +270,14 @@ def sample_run(
     for path, suffix in ((grid, ".png"), (npz, ".npz")):
         if path is not None and Path(path).suffix.lower() != suffix:
             raise ValueError(f"{path}: expected a {suffix} file name")
+    evaluator = None
+    if evaluate is not None:  # every evaluation choice is checked before sampling
+        from difflab.eval.report import make_evaluator
+
+        evaluator = make_evaluator(**evaluate)
+        n_check = min(max(cfg.sample.n if n is None else n, 0), 2)  # what the samples' shape will be
+        side = cfg.data.image_size
+        evaluator.check(to_uint8(torch.zeros(n_check, cfg.model.in_channels, side, side), cfg.data))
     classifier = classifier if classifier is not None else cfg.sample.classifier
     if classifier is not None:
         from difflab.train.classifier import load_classifier
@@ -230,20 +287,22 @@ def sample_run(
     x, labels = draw_samples(denoiser, cfg, n=n, sampler=name, steps=steps, eta=eta, label=label, seed=seed,
                              batch=batch, guidance_scale=guidance_scale, classifier=classifier,
                              classifier_scale=classifier_scale, progress=progress and info.rank == 0)
-    if info.rank != 0:
-        return []
-    if grid is None and npz is None:
-        w = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
-        s = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
-        tags = (f"_w{w:g}" if w else "") + (f"_s{s:g}" if s and classifier is not None else "")
-        stem = Path(run_dir) / "samples" / f"{name}_{len(x)}{tags}"
-        grid, npz = stem.with_suffix(".png"), stem.with_suffix(".npz")
-    images = to_uint8(x, cfg.data)
+    images = to_uint8(x, cfg.data) if info.rank == 0 or evaluator is not None else None
+    labels = labels.numpy() if labels is not None else None
     written = []
-    if grid is not None:
-        save_grid(images, grid)
-        written.append(Path(grid))
-    if npz is not None:
-        save_npz(images, labels.numpy() if labels is not None else None, npz)
-        written.append(Path(npz))
-    return written
+    if info.rank == 0:
+        if grid is None and npz is None:
+            w = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+            s = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
+            tags = (f"_w{w:g}" if w else "") + (f"_s{s:g}" if s and classifier is not None else "")
+            stem = Path(run_dir) / "samples" / f"{name}_{len(x)}{tags}"
+            grid, npz = stem.with_suffix(".png"), stem.with_suffix(".npz")
+        if grid is not None:
+            save_grid(images, grid)
+            written.append(Path(grid))
+        if npz is not None:
+            save_npz(images, labels, npz)
+            written.append(Path(npz))
+    # the files are on disk before the (possibly long) evaluation; every rank takes part in it
+    metrics = evaluator(images, labels) if evaluator is not None else None
+    return written, metrics

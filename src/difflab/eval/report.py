@@ -8,6 +8,10 @@
     difflab eval SAMPLES.npz --ref mnist5k-test
     difflab eval SAMPLES.npz --ref VIRTUAL_imagenet64_labeled.npz --features inception \
         --inception-weights pt_inception-2015-12-05-6726825d.pth
+    torchrun --nproc_per_node 2 -m difflab eval SAMPLES.npz     # features extracted in shards
+
+Under ``torchrun`` (an initialised process group) feature extraction is split into contiguous
+per-rank chunks and gathered back in order, so every rank computes the same metrics from all rows.
 
 References: ``"mnist5k-test"`` / ``"mnist5k-train"`` (the MNIST-5k splits, computed on the fly), or
 an ``.npz`` holding images (``arr_0``, uint8 NHWC), statistics (``mu``, ``sigma``: difflab's
@@ -44,12 +48,15 @@ from difflab.eval.metrics import (
     precision_recall,
     save_stats,
 )
+from difflab.train.distributed import all_gather_uneven, get_rank, get_world_size, is_distributed
 
-__all__ = ["FEATURES", "NAMED_REFS", "evaluate", "evaluate_npz", "save_reference", "add_eval_arguments",
-           "run_eval_command"]
+__all__ = ["FEATURES", "NAMED_REFS", "DEFAULT_REF", "DEFAULT_FEATURES", "Evaluator", "make_evaluator", "evaluate",
+           "evaluate_npz", "save_reference", "add_eval_arguments", "add_reference_arguments", "run_eval_command"]
 
 FEATURES = ("mnist", "inception")
 NAMED_REFS = ("mnist5k-test", "mnist5k-train")
+DEFAULT_REF = "mnist5k-test"
+DEFAULT_FEATURES = "mnist"
 FEATURE_DIMS = {"mnist": MNISTClassifier.num_features, "inception": FIDInceptionV3.num_features}
 
 
@@ -91,7 +98,11 @@ def _check_images(images, what: str, features: str) -> np.ndarray:
         )
     if len(images) < 2:
         raise ValueError(f"{what}: need at least 2 images for feature statistics, got {len(images)}")
-    return images
+    # Plain C strides, as np.load gives: a view such as NCHW memory seen as NHWC (to_uint8's output; numpy
+    # calls it contiguous when C = 1) reaches the convolutions in another memory format, whose other
+    # summation order changes the features in the last bits
+    c_strides = tuple(int(np.prod(images.shape[i + 1:])) * images.itemsize for i in range(images.ndim))
+    return images if images.strides == c_strides else images.copy(order="C")
 
 
 def _extractor(features: str, inception_weights, device) -> torch.nn.Module:
@@ -106,30 +117,53 @@ def _extractor(features: str, inception_weights, device) -> torch.nn.Module:
     return load_inception(inception_weights, device=device)
 
 
-def _features_of(model, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    return extract(model, uint8_nhwc_to_float(images), batch_size=batch_size)
+def _gather_rows(a: np.ndarray) -> np.ndarray:
+    """Every rank's rows of ``a`` concatenated in rank order (the collective runs on the backend's device:
+    CPU for gloo, this rank's GPU for nccl)."""
+    import torch.distributed as dist
+
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return all_gather_uneven(torch.from_numpy(a).to(device)).cpu().numpy()
 
 
-def _named_reference_features(ref: str, model, batch_size: int) -> np.ndarray:
+def _features_of(model, images: np.ndarray, batch_size: int, distributed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(features, logits)`` of uint8 NHWC ``images``. With ``distributed`` inside a process group,
+    rank r extracts the r-th of W contiguous chunks and the chunks are gathered, so every rank returns
+    all rows in order (fewer images than ranks: every rank extracts them all)."""
+    world = get_world_size() if distributed else 1
+    if not (distributed and is_distributed()) or len(images) < world:
+        return extract(model, uint8_nhwc_to_float(images), batch_size=batch_size)
+    rank = get_rank()
+    per, extra = divmod(len(images), world)
+    lo = rank * per + min(rank, extra)
+    hi = lo + per + (rank < extra)
+    feats, logits = extract(model, uint8_nhwc_to_float(images[lo:hi]), batch_size=batch_size)
+    return _gather_rows(feats), _gather_rows(logits)
+
+
+def _named_reference_features(ref: str, model, batch_size: int, distributed: bool) -> np.ndarray:
     from difflab.data import load_mnist5k
 
     images, _ = load_mnist5k(ref.removeprefix("mnist5k-"))
-    return _features_of(model, images, batch_size)[0]
+    return _features_of(model, images, batch_size, distributed)[0]
 
 
-@functools.lru_cache(maxsize=len(NAMED_REFS))
-def _mnist_named_reference(ref: str, batch_size: int) -> np.ndarray:
-    feats = _named_reference_features(ref, load_mnist_classifier(), batch_size)
+@functools.lru_cache(maxsize=2 * len(NAMED_REFS))
+def _mnist_named_reference(ref: str, batch_size: int, distributed: bool) -> np.ndarray:
+    # distributed is part of the key: a rank that filled its cache alone must not skip a later collective
+    feats = _named_reference_features(ref, load_mnist_classifier(), batch_size, distributed)
     feats.setflags(write=False)
     return feats
 
 
-def _load_reference(ref, features: str, model, batch_size: int) -> _Reference:
+def _load_reference(ref, features: str, model, batch_size: int, distributed: bool) -> _Reference:
     if isinstance(ref, str) and ref in NAMED_REFS:
         if features == "mnist":  # the shipped classifier: the same numbers every time, so cache them
-            feats = _mnist_named_reference(ref, batch_size)
+            feats = _mnist_named_reference(ref, batch_size, distributed)
         else:
-            feats = _named_reference_features(ref, model, batch_size)
+            feats = _named_reference_features(ref, model, batch_size, distributed)
         mu, sigma = feature_statistics(feats)
         return _Reference(ref, mu, sigma, feats, len(feats))
     path = Path(ref)
@@ -150,7 +184,8 @@ def _load_reference(ref, features: str, model, batch_size: int) -> _Reference:
         )
     feats = None
     if images is not None:
-        feats, _ = _features_of(model, _check_images(images, f"reference {path} arr_0", features), batch_size)
+        feats, _ = _features_of(model, _check_images(images, f"reference {path} arr_0", features), batch_size,
+                                distributed)
     if has_stats:
         st = load_stats(path)
         dim = FEATURE_DIMS[features]
@@ -170,9 +205,82 @@ def _load_reference(ref, features: str, model, batch_size: int) -> _Reference:
     return _Reference(str(path), mu, sigma, feats, len(feats))
 
 
-def evaluate(samples, labels=None, ref: str | Path = "mnist5k-test", features: str = "mnist",
+def _check_labels(labels, n: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be {n} integers (one per sample), got {labels.dtype} {labels.shape}")
+    return labels
+
+
+@dataclass
+class Evaluator:
+    """A feature extractor and a loaded reference (:func:`make_evaluator`): call it on samples.
+
+    Building one checks every choice and reads the reference, so bad input fails before samples are
+    drawn (``difflab sample --eval``); :meth:`check` tests a sample shape without extracting anything.
+    """
+
+    features: str
+    model: torch.nn.Module
+    reference: _Reference
+    k: int
+    batch_size: int
+    device: torch.device
+    distributed: bool
+
+    def check(self, samples) -> np.ndarray:
+        """``samples`` as a uint8 numpy array, or ValueError when this feature space cannot take them."""
+        return _check_images(samples, "samples", self.features)
+
+    def __call__(self, samples, labels=None) -> dict:
+        """The metrics of ``samples`` (and ``labels``): see :func:`evaluate`."""
+        samples = self.check(samples)
+        labels = _check_labels(labels, len(samples))
+        feats, logits = _features_of(self.model, samples, self.batch_size, self.distributed)
+        reference = self.reference
+        mu, sigma = feature_statistics(feats)
+        out = {
+            "n": int(len(samples)),
+            "features": self.features,
+            "ref": reference.source,
+            "n_ref": reference.n,
+            "fd": frechet_distance(mu, sigma, reference.mu, reference.sigma),
+            "precision": None,
+            "recall": None,
+            "is": inception_score(logits),
+        }
+        if reference.features is not None:
+            out["precision"], out["recall"] = precision_recall(reference.features, feats, k=self.k)
+        if labels is not None:
+            if self.features == "mnist":
+                out["accuracy"] = conditional_accuracy(logits, labels)
+            elif _is_mnist_shaped(samples):
+                _, mnist_logits = _features_of(load_mnist_classifier(device=self.device), samples, self.batch_size,
+                                               self.distributed)
+                out["accuracy"] = conditional_accuracy(mnist_logits, labels)
+            else:
+                out["accuracy"] = None  # no classifier for this domain
+        return out
+
+
+def make_evaluator(ref: str | Path = DEFAULT_REF, features: str = DEFAULT_FEATURES,
+                   inception_weights: str | Path | None = None, *, k: int = 3, batch_size: int = 250,
+                   device: str | torch.device = "cpu", distributed: bool = True) -> Evaluator:
+    """Load the feature extractor and the reference once (arguments as in :func:`evaluate`);
+    ValueError / FileNotFoundError here for a bad choice, weights file or reference."""
+    _check_features_choice(features)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = _extractor(features, inception_weights, device)
+    reference = _load_reference(ref, features, model, batch_size, distributed)
+    return Evaluator(features, model, reference, k, batch_size, torch.device(device), distributed)
+
+
+def evaluate(samples, labels=None, ref: str | Path = DEFAULT_REF, features: str = DEFAULT_FEATURES,
              inception_weights: str | Path | None = None, *, k: int = 3, batch_size: int = 250,
-             device: str | torch.device = "cpu") -> dict:
+             device: str | torch.device = "cpu", distributed: bool = True) -> dict:
     """FD, improved precision / recall, Inception Score and (with labels) conditional accuracy.
 
     Args:
@@ -185,6 +293,8 @@ def evaluate(samples, labels=None, ref: str | Path = "mnist5k-test", features: s
         features: ``"mnist"`` (128-d, difflab's classifier) or ``"inception"`` (2048-d pool3).
         inception_weights: local pytorch-fid weights file; required for ``features="inception"``.
         k: k of the precision / recall radii. batch_size: images per forward pass.
+        distributed: inside an initialised process group, split the feature extraction across the
+            ranks (every rank must call this with the same arguments); False: this process does it all.
     Returns:
         ``{"n", "features", "ref", "n_ref", "fd", "precision", "recall", "is"}`` plus ``"accuracy"``
         when labels are given. ``is`` uses the 1008 Inception logits or the classifier's 10 logits.
@@ -193,36 +303,10 @@ def evaluate(samples, labels=None, ref: str | Path = "mnist5k-test", features: s
     """
     _check_features_choice(features)
     samples = _check_images(samples, "samples", features)
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (len(samples),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be {len(samples)} integers (one per sample), got "
-                             f"{labels.dtype} {labels.shape}")
-    model = _extractor(features, inception_weights, device)
-    feats, logits = _features_of(model, samples, batch_size)
-    reference = _load_reference(ref, features, model, batch_size)
-    mu, sigma = feature_statistics(feats)
-    out = {
-        "n": int(len(samples)),
-        "features": features,
-        "ref": reference.source,
-        "n_ref": reference.n,
-        "fd": frechet_distance(mu, sigma, reference.mu, reference.sigma),
-        "precision": None,
-        "recall": None,
-        "is": inception_score(logits),
-    }
-    if reference.features is not None:
-        out["precision"], out["recall"] = precision_recall(reference.features, feats, k=k)
-    if labels is not None:
-        if features == "mnist":
-            out["accuracy"] = conditional_accuracy(logits, labels)
-        elif _is_mnist_shaped(samples):
-            _, mnist_logits = _features_of(load_mnist_classifier(device=device), samples, batch_size)
-            out["accuracy"] = conditional_accuracy(mnist_logits, labels)
-        else:
-            out["accuracy"] = None  # no classifier for this domain
-    return out
+    _check_labels(labels, len(samples))
+    evaluator = make_evaluator(ref, features, inception_weights, k=k, batch_size=batch_size, device=device,
+                               distributed=distributed)
+    return evaluator(samples, labels)
 
 
 def evaluate_npz(path: str | Path, **kwargs) -> dict:
@@ -243,7 +327,7 @@ def save_reference(path: str | Path, images, features: str = "mnist",
     ``.npz`` as well where precision / recall are wanted."""
     _check_features_choice(features)
     images = _check_images(images, "reference images", features)
-    feats, _ = _features_of(_extractor(features, inception_weights, "cpu"), images, batch_size)
+    feats, _ = _features_of(_extractor(features, inception_weights, "cpu"), images, batch_size, distributed=False)
     mu, sigma = feature_statistics(feats)
     save_stats(path, mu, sigma, feature_space=features, n=len(feats))
     return {"mu": mu, "sigma": sigma}
@@ -252,24 +336,37 @@ def save_reference(path: str | Path, images, features: str = "mnist",
 # ------------------------------------------------------------------------------------- CLI
 
 
+def add_reference_arguments(p, *, defaults: bool = True) -> None:
+    """``--ref``, ``--features`` and ``--inception-weights`` (``difflab eval``, ``difflab sample --eval``)
+    on a parser or argument group. ``defaults=False`` leaves them None when not given (so a caller can
+    tell whether they were); the help names the defaults either way."""
+    p.add_argument("--ref", default=DEFAULT_REF if defaults else None, metavar="|".join(NAMED_REFS) + "|REF.npz",
+                   help="reference set: a named MNIST-5k split, or an .npz with arr_0 images and/or "
+                   f"mu, sigma statistics (an OpenAI reference batch works) (default: {DEFAULT_REF})")
+    p.add_argument("--features", default=DEFAULT_FEATURES if defaults else None, choices=FEATURES,
+                   help="feature space: difflab's MNIST classifier (128-d) or the FID InceptionV3 (2048-d) "
+                   f"(default: {DEFAULT_FEATURES})")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="local pytorch-fid weights (pt_inception-2015-12-05-6726825d.pth or .safetensors); "
+                   "needed for --features inception, never downloaded")
+
+
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``difflab eval``."""
     p.add_argument("samples", metavar="SAMPLES.npz",
                    help="arr_0 = uint8 NHWC images, optional arr_1 = int64 labels (OpenAI's layout)")
-    p.add_argument("--ref", default="mnist5k-test", metavar="|".join(NAMED_REFS) + "|REF.npz",
-                   help="reference set: a named MNIST-5k split, or an .npz with arr_0 images and/or "
-                   "mu, sigma statistics (an OpenAI reference batch works) (default: mnist5k-test)")
-    p.add_argument("--features", default="mnist", choices=FEATURES,
-                   help="feature space: difflab's MNIST classifier (128-d) or the FID InceptionV3 (2048-d)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="local pytorch-fid weights (pt_inception-2015-12-05-6726825d.pth or .safetensors); "
-                   "needed for --features inception, never downloaded")
+    add_reference_arguments(p)
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    """Run ``difflab eval`` and print the result as JSON on stdout."""
+    """Run ``difflab eval`` and print the result as JSON on stdout (rank 0 under torchrun, where the
+    feature extraction is sharded across the ranks)."""
+    from difflab.train.distributed import init_distributed
+
+    info = init_distributed()
     result = evaluate_npz(args.samples, ref=args.ref, features=args.features,
                           inception_weights=args.inception_weights, batch_size=args.batch_size)
-    print(json.dumps(result, indent=2))
+    if info.rank == 0:
+        print(json.dumps(result, indent=2))
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cells import Cell, add_cell_arguments, load, run_cells, sample_cell
-from difflab.train.metrics import read_metrics
+from difflab.runinfo import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m, run in runs.items():
         schedule, loss = m.split("-")
-        log = read_metrics(Path(run) / "metrics.jsonl")
-        rows.append({"model": m, "schedule": schedule, "loss": LOSS_NAMES[loss], "train_steps": log[-1]["step"],
-                     **{f"bpd_{k}" if k != "bpd" else k: v for k, v in results[cells[m, "bpd"].key].items()
+        rows.append({"model": m, "schedule": schedule, "loss": LOSS_NAMES[loss],
+                     "train_steps": run_info(run)["steps_done"],
+                     **{k if k.startswith("bpd") else f"bpd_{k}": v for k, v in results[cells[m, "bpd"].key].items()
                         if k != "seconds"},
                      **{k: v for k, v in results[cells[m, "fd"].key].items() if k != "seconds"}})
     command = " ".join(["python", "benchmarks/iddpm_ablation.py", *(argv if argv is not None else sys.argv[1:])])

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cells import add_cell_arguments, run_cells, sample_cell
-from difflab.train.metrics import read_metrics
+from difflab.runinfo import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ours = results[cell.key]
     peer = json.loads(Path(args.peer).read_text())
-    log = read_metrics(Path(args.run) / "metrics.jsonl")
     rows = [
-        {"library": "difflab", "run": args.run, "train_steps": log[-1]["step"],
+        {"library": "difflab", "run": args.run, "train_steps": run_info(args.run)["steps_done"],
          "sampler": f"{args.sampler}, {args.steps} steps", **{k: ours[k] for k in ("fd", "precision", "recall")}},
         {"library": "denoising-diffusion-pytorch", "run": args.peer, "train_steps": peer["steps"],
          "sampler": "its DDIM, 50 steps", **{k: peer[k] for k in ("fd", "precision", "recall")}},

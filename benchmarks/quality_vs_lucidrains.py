@@ -8,7 +8,10 @@ and scores them the same way. The bar: difflab's FD at most 0.7x the peer's.
     OMP_NUM_THREADS=1 /work/benchenv/bin/python benchmarks/lucidrains_mnist.py --minutes 24 --threads 1
     OMP_NUM_THREADS=1 python benchmarks/quality_vs_lucidrains.py --run runs/mnist-uncond-v
 
-Writes docs/results/quality-vs-lucidrains.json and quality-vs-lucidrains-table.md.
+Writes docs/results/quality-vs-lucidrains.json, quality-vs-lucidrains-table.md and a grid of 64 of the
+peer's samples (quality-lucidrains-grid.png); difflab's grid of the same kind:
+
+    difflab sample runs/mnist-uncond-v --n 64 --steps 50 --grid docs/results/quality-difflab-grid.png
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['recall']:.3f} |" for r in rows]
     lines.append(f"\nFD ratio difflab / lucidrains: {ratio:.2f} (target <= 0.7)")
     (out / "quality-vs-lucidrains-table.md").write_text("\n".join(lines) + "\n")
+    peer_npz = Path(peer["npz"])
+    if peer_npz.is_file():  # the first 64 of the peer's scored samples, beside difflab's grid
+        from difflab.data import load_npz
+        from difflab.images import save_grid
+
+        save_grid(load_npz(peer_npz)[0][:64], out / "quality-lucidrains-grid.png")
     print("\n".join(lines))
     return 0
 

@@ -40,6 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
 
 
+def with_spacing(fn, spacing: str):
+    """``fn`` with its int ``steps`` K turned into the solver spacing ``f"{spacing}{K}"`` (e.g. "time20")."""
+
+    def run(denoiser, x_T, *, steps: int, **kwargs):
+        return fn(denoiser, x_T, steps=f"{spacing}{steps}", **kwargs)
+
+    return run
+
+
 def steps_for_nfe(name: str, nfe: int) -> int:
     """Sampler steps that cost ``nfe`` network evaluations (Heun: 2K - 1 evaluations for K steps)."""
     return (nfe + 1) // 2 if name == "heun" else nfe
@@ -73,10 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/ablation/cosine-hybrid", metavar="RUN",
                    help="run folder written by difflab train")
-    p.add_argument("--samplers", default="dpmpp-2m,ddim,ancestral,diffusers-dpmpp-2m",
-                   help=f"comma-separated among {', '.join(SAMPLERS)}, diffusers-dpmpp-2m")
+    p.add_argument("--samplers",
+                   default="dpmpp-2m,dpmpp-2m-time,dpmpp-2m-time-noclip,ddim,ancestral,diffusers-dpmpp-2m",
+                   help=f"comma-separated among {', '.join(SAMPLERS)}, diffusers-dpmpp-2m, and any of "
+                   "them with a solver spacing suffix (-logsnr, -time, -karras), e.g. dpmpp-2m-time, and/or -noclip "
+                   "(x0 not clipped to [-1, 1], as diffusers' solver without thresholding)")
     p.add_argument("--nfe", default="5,10,20,50", help="network evaluations per sample, comma-separated")
     p.add_argument("--reference", default="ancestral", help="sampler of the reference row, over all T steps")
+    p.add_argument("--ode-limit", type=int, default=200, metavar="K",
+                   help="also DDIM (eta 0) with K steps: the probability-flow ODE solved finely, the limit the ODE "
+                   "solvers converge to (0 = no such row)")
     p.add_argument("--n", type=int, default=250)
     p.add_argument("--batch", type=int, default=125)
     p.add_argument("--seed", type=int, default=0)
@@ -94,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("diffusers is not installed here: skipping diffusers-dpmpp-2m", file=sys.stderr)
                 continue
             fns[name] = diffusers_dpmpp_2m
+        elif name.removesuffix("-noclip").rsplit("-", 1)[-1] in ("logsnr", "time", "karras"):
+            base, spacing = name.removesuffix("-noclip").rsplit("-", 1)
+            fns[name] = with_spacing(SAMPLERS[base], spacing)
+        elif name.endswith("-noclip"):
+            fns[name] = SAMPLERS[name.removesuffix("-noclip")]
         else:
             fns[name] = SAMPLERS[name]  # ValueError listing the valid names
     nfes = [int(v) for v in args.nfe.split(",")]
@@ -102,28 +122,32 @@ def main(argv: list[str] | None = None) -> int:
 
     T = load_run_config(args.run).diffusion.steps
     common = {"n": args.n, "batch": args.batch, "seed": args.seed}
-    grid = [(args.reference, T, T)]
+    grid = [(args.reference, T, T)] + ([("ddim", args.ode_limit, args.ode_limit)] if args.ode_limit else [])
     for nfe in nfes:
         for name in fns:
             steps = steps_for_nfe(name, nfe)
             row = (name, 2 * steps - 1 if name == "heun" else steps, steps)
             if row not in grid:  # Heun reaches odd NFE only
                 grid.append(row)
-    cells = [sample_cell(args.run, name, steps, fn=fns.get(name), **common) for name, _, steps in grid]
+    cells = [sample_cell(args.run, name, steps, fn=fns.get(name), **common,
+                         **({"clip_denoised": False} if name.endswith("-noclip") else {}))
+             for name, _, steps in grid]
     results = run_cells(cells, Path(args.cache or ROOT / "runs" / "cells"))
     if results is None:
         return 0
     ref_fd = results[cells[0].key]["fd"]
+    ode_fd = results[cells[1].key]["fd"] if args.ode_limit else None
     rows = []
     for (name, nfe, steps), cell in zip(grid, cells, strict=True):
         r = results[cell.key]
         rows.append({"sampler": name, "nfe": nfe, "steps": steps, **{k: r[k] for k in ("fd", "precision", "recall")},
-                     "seconds": r["seconds"], "fd_vs_reference": r["fd"] / ref_fd})
+                     "seconds": r["seconds"], "fd_vs_reference": r["fd"] / ref_fd,
+                     "fd_vs_ode_limit": r["fd"] / ode_fd if ode_fd else None})
         print(f"{name} {nfe} NFE: FD {r['fd']:.3f} ({100 * (r['fd'] / ref_fd - 1):+.1f}%)")
 
     result = {
         "what": "FD (difflab MNIST-classifier features, vs MNIST-5k test) per sampler and NFE, same x_T",
-        "run": str(args.run), "n": args.n, "rows": rows, "reference_fd": ref_fd,
+        "run": str(args.run), "n": args.n, "rows": rows, "reference_fd": ref_fd, "ode_limit_fd": ode_fd,
         "command": " ".join(["python", "benchmarks/few_steps.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per process, cpu",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__},
@@ -135,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "few_steps.json").write_text(json.dumps(result, indent=1) + "\n")
-        lines = ["| sampler | NFE | FD | vs reference | precision | recall |", "|---|---|---|---|---|---|"]
+        lines = [f"| sampler | NFE | FD | vs {args.reference} {T} | vs ODE limit | precision | recall |",
+                 "|---|---|---|---|---|---|---|"]
         for r in rows:
+            ode = f"{100 * (r['fd_vs_ode_limit'] - 1):+.1f}%" if ode_fd else "-"
             lines.append(f"| {r['sampler']} | {r['nfe']} | {r['fd']:.3f} | {100 * (r['fd'] / ref_fd - 1):+.1f}% | "
-                         f"{r['precision']:.3f} | {r['recall']:.3f} |")
+                         f"{ode} | {r['precision']:.3f} | {r['recall']:.3f} |")
         (out / "few_steps-table.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
     return 0

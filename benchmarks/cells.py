@@ -152,3 +152,16 @@ def score(x: torch.Tensor, data_cfg, labels=None) -> dict:
 def add_cell_arguments(p) -> None:
     """``--cache`` of every cell benchmark."""
     p.add_argument("--cache", metavar="DIR", help="cell cache folder (default: runs/cells/)")
+
+
+def write_results(out: Path, stem: str, record: dict, header: list[str], rows: list[list[str]],
+                  footer: str = "") -> None:
+    """Write ``OUT/<stem>.json`` (``record``) and ``OUT/<stem>-table.md`` (a markdown table of ``rows``
+    under ``header``, then ``footer``), and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    table = "\n".join(lines) + (f"\n\n{footer}" if footer else "") + "\n"
+    (out / f"{stem}-table.md").write_text(table)
+    print(table, end="")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cells import add_cell_arguments, run_cells, sample_cell
+from cells import add_cell_arguments, run_cells, sample_cell, write_results
 from difflab.build import load_run_config
 from difflab.samplers import SAMPLERS
 
@@ -158,15 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "few_steps.json").write_text(json.dumps(result, indent=1) + "\n")
-        lines = [f"| sampler | NFE | FD | vs {args.reference} {T} | vs ODE limit | precision | recall |",
-                 "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            ode = f"{100 * (r['fd_vs_ode_limit'] - 1):+.1f}%" if ode_fd else "-"
-            lines.append(f"| {r['sampler']} | {r['nfe']} | {r['fd']:.3f} | {100 * (r['fd'] / ref_fd - 1):+.1f}% | "
-                         f"{ode} | {r['precision']:.3f} | {r['recall']:.3f} |")
-        (out / "few_steps-table.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        write_results(out, "few_steps", result,
+                      ["sampler", "NFE", "FD", f"vs {args.reference} {T}", "vs ODE limit", "precision", "recall"],
+                      [[r["sampler"], str(r["nfe"]), f"{r['fd']:.3f}", f"{100 * (r['fd'] / ref_fd - 1):+.1f}%",
+                        f"{100 * (r['fd_vs_ode_limit'] - 1):+.1f}%" if ode_fd else "-",
+                        f"{r['precision']:.3f}", f"{r['recall']:.3f}"] for r in rows])
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cells import Cell, add_cell_arguments, load, run_cells, sample_cell
+from cells import Cell, add_cell_arguments, load, run_cells, sample_cell, write_results
 from difflab.runinfo import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,14 +82,10 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per process",
               "versions": {"python": sys.version.split()[0], "torch": torch.__version__}}
-    (out / "iddpm-ablation.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = ["| schedule | objective | train steps | test bits/dim (± s.e.) | FD | precision | recall |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['schedule']} | {r['loss']} | {r['train_steps']} | {r['bpd']:.3f} ± {r['bpd_stderr']:.3f}"
-                     f" | {r['fd']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
-    (out / "iddpm-ablation-table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "iddpm-ablation", record,
+                  ["schedule", "objective", "train steps", "test bits/dim (± s.e.)", "FD", "precision", "recall"],
+                  [[r["schedule"], r["loss"], str(r["train_steps"]), f"{r['bpd']:.3f} ± {r['bpd_stderr']:.3f}",
+                    f"{r['fd']:.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"] for r in rows])
     return 0
 
 

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from cells import add_cell_arguments, run_cells, sample_cell
+from cells import add_cell_arguments, run_cells, sample_cell, write_results
 from difflab.runinfo import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,20 +60,17 @@ def main(argv: list[str] | None = None) -> int:
                                    *(argv if argv is not None else sys.argv[1:])]),
               "date": datetime.date.today().isoformat()}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality-vs-lucidrains.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = ["| library | train steps | sampler | FD | precision | recall |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['library']} | {r['train_steps']} | {r['sampler']} | {r['fd']:.3f} | {r['precision']:.3f} | "
-              f"{r['recall']:.3f} |" for r in rows]
-    lines.append(f"\nFD ratio difflab / lucidrains: {ratio:.2f} (target <= 0.7)")
-    (out / "quality-vs-lucidrains-table.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "quality-vs-lucidrains", record,
+                  ["library", "train steps", "sampler", "FD", "precision", "recall"],
+                  [[r["library"], str(r["train_steps"]), r["sampler"], f"{r['fd']:.3f}", f"{r['precision']:.3f}",
+                    f"{r['recall']:.3f}"] for r in rows],
+                  footer=f"FD ratio difflab / lucidrains: {ratio:.2f} (target <= 0.7)")
     peer_npz = Path(peer["npz"])
     if peer_npz.is_file():  # the first 64 of the peer's scored samples, beside difflab's grid
         from difflab.data import load_npz
         from difflab.images import save_grid
 
         save_grid(load_npz(peer_npz)[0][:64], out / "quality-lucidrains-grid.png")
-    print("\n".join(lines))
     return 0
 
 

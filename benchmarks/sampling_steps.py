@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cells import add_cell_arguments, run_cells, sample_cell
+from cells import add_cell_arguments, run_cells, sample_cell, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -75,12 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per process",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
     }
-    (out / "sampling-steps.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = [f"| row | {' | '.join(f'K={k}' for k in ks)} |", "|---|" + "---|" * len(ks)]
-    for row, t in table.items():
-        lines.append(f"| {ROWS[row][3]} | " + " | ".join(f"{t[k]['fd']:.3f}" for k in ks) + " |")
-    (out / "sampling-steps-table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "sampling-steps", record, ["row", *(f"K={k}" for k in ks)],
+                  [[ROWS[row][3], *(f"{t[k]['fd']:.3f}" for k in ks)] for row, t in table.items()])
 
     import matplotlib
 

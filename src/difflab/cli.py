@@ -153,14 +153,13 @@ def _run_sample(args: argparse.Namespace) -> int:
     if not args.eval:
         if given:
             raise ValueError(f"{', '.join(given)}: only used with --eval (evaluate the samples)")
-        for path in sample_run(args.run, **kwargs):
-            print(f"wrote {path}")
-        return 0
-    written, metrics = sample_and_evaluate(args.run, ref=args.ref, features=args.features,
-                                           inception_weights=args.inception_weights, **kwargs)
+        written, metrics = sample_run(args.run, **kwargs)
+    else:
+        written, metrics = sample_and_evaluate(args.run, ref=args.ref, features=args.features,
+                                               inception_weights=args.inception_weights, **kwargs)
     for path in written:
         print(f"wrote {path}")
-    if is_main():
+    if metrics is not None and is_main():
         print(json.dumps(metrics, indent=2))
     return 0
 

@@ -183,6 +183,26 @@ def _gather(mine: list[tuple[int, torch.Tensor]], n: int, shape: tuple[int, ...]
     return xs[order][:n]
 
 
+def sample_and_evaluate(run_dir, *, ref=None, features: str | None = None, inception_weights=None,
+                        eval_batch_size: int = 250, **sample_kwargs) -> tuple[list, dict]:
+    """``difflab sample --eval``: :func:`sample_run` (``sample_kwargs`` are its arguments), then the
+    metrics of the drawn images (uint8 at the data's native size, with their labels when the run is
+    class-conditional or classifier-guided) from :func:`difflab.eval.report.evaluate`, the feature
+    extraction sharded across ranks under torchrun.
+
+    ``ref`` (default ``"mnist5k-test"``), ``features`` (default ``"mnist"``), ``inception_weights``:
+    as in :func:`~difflab.eval.report.evaluate`. The extractor and the reference are loaded, and the
+    image size is checked against the feature space, before anything is drawn, so bad input costs no
+    sampling. Returns ``(paths written (rank 0; [] elsewhere), metrics (every rank))``.
+    """
+    from difflab.eval.report import DEFAULT_FEATURES, DEFAULT_REF
+
+    evaluate = {"ref": DEFAULT_REF if ref is None else ref,
+                "features": DEFAULT_FEATURES if features is None else features,
+                "inception_weights": inception_weights, "batch_size": eval_batch_size}
+    return sample_run(run_dir, evaluate=evaluate, **sample_kwargs)
+
+
 def sample_run(
     run_dir,
     *,
@@ -201,63 +221,17 @@ def sample_run(
     ema: str | float | None = None,
     checkpoint=None,
     progress: bool = False,
-) -> list:
+    evaluate: dict | None = None,
+) -> tuple[list, dict | None]:
     """``difflab sample``: load a run, draw samples (split across ranks under torchrun), and write a
-    PNG grid and/or an ``.npz`` at the data's native size (rank 0). Returns the paths written.
+    PNG grid and/or an ``.npz`` at the data's native size (rank 0). Returns ``(paths written, metrics)``:
+    the paths on rank 0 ([] elsewhere); with ``evaluate`` (keyword arguments of
+    :func:`difflab.eval.report.make_evaluator`) the metrics of the samples on every rank, else None.
 
     ``label`` (an index or ``"all"``), ``guidance_scale`` w, ``classifier`` (a classifier file or run
     folder; default ``sample.classifier``) and ``classifier_scale`` s: see :func:`draw_samples`.
     Without ``grid`` and ``npz`` both are written to ``RUN/samples/<sampler>_<n>[_w<w>][_s<s>].{png,npz}``.
     """
-    written, _ = _sample_run(run_dir, None, n=n, sampler=sampler, steps=steps, eta=eta, label=label, seed=seed,
-                             batch=batch, guidance_scale=guidance_scale, classifier=classifier,
-                             classifier_scale=classifier_scale, grid=grid, npz=npz, ema=ema, checkpoint=checkpoint,
-                             progress=progress)
-    return written
-
-
-def sample_and_evaluate(run_dir, *, ref=None, features: str | None = None, inception_weights=None,
-                        eval_batch_size: int = 250, **sample_kwargs) -> tuple[list, dict]:
-    """``difflab sample --eval``: :func:`sample_run` (``sample_kwargs`` are its arguments), then the
-    metrics of the drawn images (uint8 at the data's native size, with their labels when the run is
-    class-conditional or classifier-guided) from :func:`difflab.eval.report.evaluate`, the feature
-    extraction sharded across ranks under torchrun.
-
-    ``ref`` (default ``"mnist5k-test"``), ``features`` (default ``"mnist"``), ``inception_weights``:
-    as in :func:`~difflab.eval.report.evaluate`. The extractor and the reference are loaded, and the
-    image size is checked against the feature space, before anything is drawn, so bad input costs no
-    sampling. Returns ``(paths written (rank 0; [] elsewhere), metrics (every rank))``.
-    """
-    from difflab.eval.report import DEFAULT_FEATURES, DEFAULT_REF
-
-    evaluate = {"ref": DEFAULT_REF if ref is None else ref,
-                "features": DEFAULT_FEATURES if features is None else features,
-                "inception_weights": inception_weights, "batch_size": eval_batch_size}
-    return _sample_run(run_dir, evaluate, **sample_kwargs)
-
-
-def _sample_run(
-    run_dir,
-    evaluate: dict | None,
-    *,
-    n: int | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    eta: float | None = None,
-    label: int | str | None = None,
-    seed: int | None = None,
-    batch: int | None = None,
-    guidance_scale: float | None = None,
-    classifier=None,
-    classifier_scale: float | None = None,
-    grid=None,
-    npz=None,
-    ema: str | float | None = None,
-    checkpoint=None,
-    progress: bool = False,
-) -> tuple[list, dict | None]:
-    """:func:`sample_run`, and with ``evaluate`` (keyword arguments of
-    :func:`difflab.eval.report.make_evaluator`) the metrics of the samples on every rank."""
     from pathlib import Path
 
     from difflab.build import load_run, load_run_config, resolve_ema

@@ -86,8 +86,7 @@ def evaluate_bpd(
         bar.close()
     local = torch.cat(rows) if rows else torch.empty((0, 4), dtype=torch.float64)
     if world > 1:
-        comm = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        local = dist_utils.all_gather_uneven(local.to(comm)).cpu()
+        local = dist_utils.all_gather_uneven(local)
     total, prior, vb, decoder = local.mean(0).tolist()
     stderr = float(local[:, 0].std() / math.sqrt(len(local))) if len(local) > 1 else float("nan")
     c, h, w = ds.get_batch([0])[0].shape[1:]

@@ -176,9 +176,8 @@ def _gather(mine: list[tuple[int, torch.Tensor]], n: int, shape: tuple[int, ...]
     if world == 1:
         return local
     ids = torch.cat([torch.full((len(x),), k, dtype=torch.long) for k, x in mine]) if mine else torch.empty(0).long()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    xs = dist_utils.all_gather_uneven(local.to(device)).cpu()
-    ks = dist_utils.all_gather_uneven(ids.to(device)).cpu()
+    xs = dist_utils.all_gather_uneven(local)
+    ks = dist_utils.all_gather_uneven(ids)
     order = torch.argsort(ks, stable=True)
     return xs[order][:n]
 

@@ -118,14 +118,8 @@ def _extractor(features: str, inception_weights, device) -> torch.nn.Module:
 
 
 def _gather_rows(a: np.ndarray) -> np.ndarray:
-    """Every rank's rows of ``a`` concatenated in rank order (the collective runs on the backend's device:
-    CPU for gloo, this rank's GPU for nccl)."""
-    import torch.distributed as dist
-
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    return all_gather_uneven(torch.from_numpy(a).to(device)).cpu().numpy()
+    """Every rank's rows of ``a`` concatenated in rank order."""
+    return all_gather_uneven(torch.from_numpy(a)).numpy()
 
 
 def _features_of(model, images: np.ndarray, batch_size: int, distributed: bool) -> tuple[np.ndarray, np.ndarray]:

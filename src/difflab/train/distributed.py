@@ -86,11 +86,20 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def _collective_device() -> torch.device:
+    """Where the process group's collectives run: this rank's GPU for nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_uneven(t: Tensor) -> Tensor:
     """Concatenate every rank's ``t`` along dim 0, in rank order; ranks may hold different numbers
-    of rows (the other dims must agree). Single-process: returns ``t``."""
+    of rows (the other dims must agree). The collective runs on the backend's device (a GPU for
+    nccl, the CPU for gloo); the result is on ``t``'s device. Single-process: returns ``t``."""
     if not is_distributed():
         return t
+    home, t = t.device, t.to(_collective_device())
     world = get_world_size()
     n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.int64)
     sizes = [torch.zeros_like(n) for _ in range(world)]
@@ -101,7 +110,7 @@ def all_gather_uneven(t: Tensor) -> Tensor:
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0).to(home)
 
 
 class ShardedOrder:

@@ -12,8 +12,10 @@ backward), FLOP/s as a fraction of a same-run 2048x2048 float32 matmul on the sa
 memory of a training step (CUDA: ``max_memory_allocated``; CPU: peak live heap bytes from glibc
 ``mallinfo2`` sampled every millisecond, minus the bytes live before the step). The models are timed
 in interleaved rounds (A B C A B C ...) and the median round is reported, so that load from other
-processes hits all of them alike; compare ratios within one run. Writes docs/results/speed.json and
-speed.md (with the load average before and after) and, with ``--profile``, torch.profiler's top ops.
+processes hits all of them alike; compare ratios within one run. ``--precisions fp32,bf16`` (the default)
+times every model in float32 and under bf16 autocast (fast on CPUs with AMX / AVX512-BF16 and on GPUs).
+Writes docs/results/throughput.json and throughput.md (with the load average before and after) and, with
+``--profile``, torch.profiler's top ops; docs/results/speed.md is the write-up.
 
 The peers pull torchvision and a CUDA build of torch; run this from a benchmark-only environment:
 
@@ -155,10 +157,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_flops_per_s(device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    """FLOP/s of an n x n float32 matmul (2 n^3 FLOPs), best of ``reps``."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_flops_per_s(device: torch.device, n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
+    """FLOP/s of an n x n matmul in ``dtype`` (2 n^3 FLOPs), best of ``reps``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     best = float("inf")
@@ -174,9 +176,11 @@ def matmul_flops_per_s(device: torch.device, n: int = 2048, reps: int = 10) -> f
 class Bench:
     """One model with its optimizer, fixed inputs and the three operations that get timed."""
 
-    def __init__(self, name: str, batch: int, res: int, device: torch.device, seed: int = 0):
+    def __init__(self, name: str, batch: int, res: int, device: torch.device, seed: int = 0,
+                 precision: str = "fp32"):
         torch.manual_seed(seed)
         self.name = name
+        self.precision = precision
         self.net, self.call, fmt = MODELS[name]()
         self.net.to(device).train()
         self.params = sum(p.numel() for p in self.net.parameters())
@@ -188,8 +192,13 @@ class Bench:
         self.batch = batch
         self.device = device
 
+    def forward(self) -> torch.Tensor:
+        """The network's output; under bf16 autocast for ``precision="bf16"`` (weights stay float32)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.call(self.net, self.x, self.t)
+
     def loss(self) -> torch.Tensor:
-        return F.mse_loss(self.call(self.net, self.x, self.t), self.noise)
+        return F.mse_loss(self.forward().float(), self.noise)
 
     def train_step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -198,7 +207,7 @@ class Bench:
 
     def sample_step(self) -> None:
         with torch.inference_mode():
-            self.call(self.net, self.x, self.t)
+            self.forward()
 
     def flops(self) -> tuple[float, float]:
         """(forward, forward + backward) FLOPs per image."""
@@ -263,9 +272,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def label(name: str, precision: str) -> str:
+    """Row name: the model, with " bf16" appended for the bf16 autocast rows."""
+    return name if precision == "fp32" else f"{name} {precision}"
+
+
 def markdown(result: dict) -> str:
     rows = result["models"]
     ref = rows.get("difflab")
+    mm = result["matmul_gflops"]
     lines = [
         "# Throughput: difflab vs diffusers vs lucidrains U-Nets",
         "",
@@ -274,10 +292,14 @@ def markdown(result: dict) -> str:
         f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}  ",
         f"Date: {result['date']}; batch {result['batch']}, 1x{result['res']}x{result['res']}, "
         f"{result['rounds']} interleaved rounds (median reported)  ",
-        f"Same-run {result['matmul_n']}x{result['matmul_n']} float32 matmul: "
-        f"{result['matmul_gflops']:.1f} GFLOP/s",
+        f"Same-run {result['matmul_n']}x{result['matmul_n']} matmul: "
+        + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in mm.items()),
         "",
-        "| model | params | train GFLOP/img | train img/s | sample img/s | train FLOP/s vs matmul | "
+        "\"bf16\" rows run the network under `torch.autocast(dtype=torch.bfloat16)` (weights, Adam and the loss "
+        "in float32). FLOP/s is given against the same-run matmul of the row's precision and against the "
+        "float32 matmul (the BENCHMARKS.md bar).",
+        "",
+        "| model | params | train GFLOP/img | train img/s | sample img/s | train FLOP/s vs matmul (own / fp32) | "
         "peak train MiB | difflab train speed-up | difflab sample speed-up |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -287,10 +309,12 @@ def markdown(result: dict) -> str:
         up_s = f"{ref['sample_img_s'] / r['sample_img_s']:.2f}x" if ref else ""
         lines.append(
             f"| {name} | {r['params'] / 1e6:.2f}M | {r['train_gflop_per_img']:.2f} | {r['train_img_s']:.1f} | "
-            f"{r['sample_img_s']:.1f} | {100 * r['train_flops_frac']:.0f}% | {mem} | {up_t} | {up_s} |"
+            f"{r['sample_img_s']:.1f} | {100 * r['train_flops_frac']:.0f}% / {100 * r['train_flops_frac_fp32']:.0f}% "
+            f"| {mem} | {up_t} | {up_s} |"
         )
-    lines += ["", "Rounds (train img/s per round): " + "; ".join(
-        f"{n}: {', '.join(f'{v:.1f}' for v in r['train_rounds'])}" for n, r in rows.items())]
+    lines += ["", "Speed-ups are difflab (float32) over each row; the targets below compare each library's "
+              "fastest row.", "", "Rounds (train img/s per round): " + "; ".join(
+                  f"{n}: {', '.join(f'{v:.1f}' for v in r['train_rounds'])}" for n, r in rows.items())]
     if result.get("targets"):
         lines += ["", "## Targets (BENCHMARKS.md)", ""]
         for line in result["targets"]:
@@ -307,10 +331,42 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def target_lines(rows: dict[str, dict], names: list[str]) -> list[str]:
+    """The BENCHMARKS.md training bars: each library's fastest row (over precisions) against difflab's."""
+
+    def best(name: str) -> tuple[str, dict] | None:
+        own = [(k, r) for k, r in rows.items() if k.split()[0] == name]
+        return max(own, key=lambda kr: kr[1]["train_img_s"]) if own else None
+
+    mine = best("difflab")
+    if mine is None:
+        return []
+    out = []
+    for peer, bar in (("diffusers", 1.5), ("lucidrains", 1.2)):
+        theirs = best(peer)
+        if theirs is None:
+            continue
+        ratio = mine[1]["train_img_s"] / theirs[1]["train_img_s"]
+        verdict = "met" if ratio >= bar else "MISSED"
+        out.append(f"training img/s, fastest vs fastest: {mine[0]} {mine[1]['train_img_s']:.1f} vs {theirs[0]} "
+                   f"{theirs[1]['train_img_s']:.1f}: {ratio:.2f}x (target >= {bar}x): {verdict}")
+        for prec in PRECISIONS:
+            a, b = rows.get(label("difflab", prec)), rows.get(label(peer, prec))
+            if a and b:
+                out.append(f"  same precision ({prec}): {a['train_img_s'] / b['train_img_s']:.2f}x")
+    for k, r in rows.items():
+        if k.split()[0] == "difflab":
+            out.append(f"{k} training FLOP/s: {100 * r['train_flops_frac_fp32']:.0f}% of the float32 matmul "
+                       f"(target >= 70%: {'met' if r['train_flops_frac_fp32'] >= 0.7 else 'MISSED'}), "
+                       f"{100 * r['train_flops_frac']:.0f}% of its own precision's matmul")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="difflab,diffusers,lucidrains", help="comma-separated among "
                         + ", ".join(MODELS))
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated among " + ", ".join(PRECISIONS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--res", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
@@ -319,55 +375,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="add torch.profiler top ops per model")
-    parser.add_argument("--out", default=str(OUT), help="folder for speed.json / speed.md ('' = do not write)")
+    parser.add_argument("--out", default=str(OUT), help="folder for throughput.json / .md ('' = do not write)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     bad = [n for n in names if n not in MODELS]
     if bad:
         parser.error(f"unknown models {bad}; valid: {', '.join(MODELS)}")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        parser.error(f"unknown precisions {bad}; valid: {', '.join(PRECISIONS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_before = [round(v, 2) for v in os.getloadavg()]
 
-    benches = {n: Bench(n, args.batch, args.res, device) for n in names}
-    flops = {n: b.flops() for n, b in benches.items()}
+    benches = {label(n, p): Bench(n, args.batch, args.res, device, precision=p) for p in precisions for n in names}
+    labels = list(benches)
+    flops = {k: b.flops() for k, b in benches.items()}
     for b in benches.values():  # warm-up: allocator, oneDNN kernels
         b.train_step()
         b.train_step()
         b.sample_step()
-    mem = {n: peak_memory(b.train_step, device) for n, b in benches.items()}
-    matmul = []
-    train: dict[str, list[float]] = {n: [] for n in names}
-    sample: dict[str, list[float]] = {n: [] for n in names}
+    mem = {k: peak_memory(b.train_step, device) for k, b in benches.items()}
+    matmul: dict[str, list[float]] = {p: [] for p in dict.fromkeys(["fp32", *precisions])}
+    train: dict[str, list[float]] = {k: [] for k in labels}
+    sample: dict[str, list[float]] = {k: [] for k in labels}
     for r in range(args.rounds):
-        matmul.append(matmul_flops_per_s(device, reps=3))
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            train[n].append(benches[n].time(benches[n].train_step, args.train_iters))
-            sample[n].append(benches[n].time(benches[n].sample_step, args.sample_iters))
-    mm = statistics.median(matmul)
+        for p in matmul:
+            matmul[p].append(matmul_flops_per_s(device, reps=3, dtype=PRECISIONS[p]))
+        order = labels if r % 2 == 0 else labels[::-1]
+        for k in order:
+            train[k].append(benches[k].time(benches[k].train_step, args.train_iters))
+            sample[k].append(benches[k].time(benches[k].sample_step, args.sample_iters))
+    mm = {p: statistics.median(v) for p, v in matmul.items()}
     rows = {}
-    for n, b in benches.items():
-        fwd, fwd_bwd = flops[n]
-        tr, sa = statistics.median(train[n]), statistics.median(sample[n])
-        rows[n] = {
-            "params": b.params, "fwd_gflop_per_img": fwd / 1e9, "train_gflop_per_img": fwd_bwd / 1e9,
-            "train_img_s": tr, "sample_img_s": sa, "train_flops_frac": fwd_bwd * tr / mm,
-            "sample_flops_frac": fwd * sa / mm, "peak_train_bytes": mem[n],
-            "train_rounds": train[n], "sample_rounds": sample[n],
+    for k, b in benches.items():
+        fwd, fwd_bwd = flops[k]
+        tr, sa = statistics.median(train[k]), statistics.median(sample[k])
+        own = mm[b.precision]
+        rows[k] = {
+            "params": b.params, "precision": b.precision, "fwd_gflop_per_img": fwd / 1e9,
+            "train_gflop_per_img": fwd_bwd / 1e9, "train_img_s": tr, "sample_img_s": sa,
+            "train_flops_frac": fwd_bwd * tr / own, "train_flops_frac_fp32": fwd_bwd * tr / mm["fp32"],
+            "sample_flops_frac": fwd * sa / own, "peak_train_bytes": mem[k],
+            "train_rounds": train[k], "sample_rounds": sample[k],
         }
-    targets = []
-    if "difflab" in rows:
-        d = rows["difflab"]
-        for peer, bar in (("diffusers", 1.5), ("lucidrains", 1.2)):
-            if peer in rows:
-                ratio = d["train_img_s"] / rows[peer]["train_img_s"]
-                targets.append(f"training img/s vs {peer}: {ratio:.2f}x (target >= {bar}x): "
-                               f"{'met' if ratio >= bar else 'MISSED'}")
-        frac = d["train_flops_frac"]
-        targets.append(f"difflab training FLOP/s vs same-run matmul: {100 * frac:.0f}% (target >= 70%): "
-                       f"{'met' if frac >= 0.7 else 'MISSED'}")
     cmd = " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])
     result = {
         "what": "U-Net training / sampling throughput at matched parameters, same process",
@@ -377,18 +430,19 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
         "versions": versions(), "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "batch": args.batch, "res": args.res, "rounds": args.rounds,
-        "matmul_n": 2048, "matmul_gflops": mm / 1e9, "matmul_rounds_gflops": [m / 1e9 for m in matmul],
-        "models": rows, "targets": targets, "profiles": {},
+        "matmul_n": 2048, "matmul_gflops": {p: v / 1e9 for p, v in mm.items()},
+        "matmul_rounds_gflops": {p: [m / 1e9 for m in v] for p, v in matmul.items()},
+        "models": rows, "targets": target_lines(rows, names), "profiles": {},
     }
     print(markdown(result), flush=True)
     if args.profile:
-        result["profiles"] = {n: profile_top_ops(b, iters=2) for n, b in benches.items()}
+        result["profiles"] = {k: profile_top_ops(b, iters=2) for k, b in benches.items()}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "speed.md").write_text(markdown(result))
-        print(f"wrote {out / 'speed.json'} and {out / 'speed.md'}")
+        (out / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "throughput.md").write_text(markdown(result))
+        print(f"wrote {out / 'throughput.json'} and {out / 'throughput.md'}")
     return 0
 
 

@@ -14,6 +14,7 @@ from difflab.samplers import (
     get_sampler,
     sample_ancestral,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_heun,
     solver_timesteps,
@@ -47,6 +48,17 @@ def linear_denoiser(mix=MIX_2D, var_type="fixed_small"):
 def test_reproduces_mixture(sampler, steps, std_rel_tol):
     x = sampler(linear_denoiser(), x_T(MIX_2D, 20), steps=steps, clip_denoised=False)
     assert_reproduces(MIX_2D, x, mean_tol=0.03, std_rel_tol=std_rel_tol)
+
+
+@pytest.mark.parametrize("schedule, steps", [("linear", 20), ("cosine", 50)])
+def test_sde_variant_reproduces_mixture(schedule, steps):
+    """SDE-DPM-Solver++(2M) reproduces the mixture in 20 evaluations on the linear schedule; on the cosine
+    schedule 20 leave the component means ~0.05 off (the stochastic solver needs more steps there), 50 do not."""
+    process = Process.named(schedule, 1000)
+    d = Denoiser(MIX_2D.eps_net(process), process, Parameterization("eps"))
+    x = sample_dpmpp_2m_sde(d, x_T(MIX_2D, 20), steps=steps, clip_denoised=False,
+                            generator=torch.Generator().manual_seed(11))
+    assert_reproduces(MIX_2D, x, mean_tol=0.03, std_rel_tol=0.15)
 
 
 def test_dpmpp_2m_on_cosine_schedule():
@@ -86,6 +98,22 @@ def test_first_order_is_ddim(steps, clip):
         sample_euler(d, x, steps=steps, clip_denoised=clip),
     ):
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("steps", ["7", "time10", [0, 300, 999]])
+@pytest.mark.parametrize("clip", [False, True])
+def test_first_order_sde_is_ddpm_posterior(steps, clip):
+    """First-order SDE-DPM-Solver++ is DDIM with eta = 1 (the posterior q(x_t | x_s, x0^)) on the same steps,
+    drawing the same noise from the same generator."""
+    d = optimal_denoiser(MIX_2D)
+    x = x_T(MIX_2D, 3)[:256] * 1.5
+
+    def gen():
+        return torch.Generator().manual_seed(5)
+
+    ref = sample_ddim(d, x, steps=solver_timesteps(d.process, steps), eta=1.0, clip_denoised=clip, generator=gen())
+    out = sample_dpmpp_2m_sde(d, x, steps=steps, order=1, clip_denoised=clip, generator=gen())
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
 def test_one_step_second_order_is_first_order():
@@ -198,14 +226,15 @@ class ScaledWrapper:
         return self.inner(x_t, t, **kw)
 
 
-@pytest.mark.parametrize("name, nfe", [("dpmpp-2m", 6), ("euler", 6), ("heun", 11), ("ddim", 6)])
+@pytest.mark.parametrize("name, nfe", [("dpmpp-2m", 6), ("dpmpp-2m-sde", 6), ("euler", 6), ("heun", 11), ("ddim", 6)])
 def test_wrappers_and_evaluation_counts(name, nfe):
     d = optimal_denoiser(MIX_2D)
     ScaledWrapper.calls = 0
     x = x_T(MIX_2D, 10)[:16]
-    out = SAMPLERS[name](ScaledWrapper(d), x, steps=6, clip_denoised=False)
+    out = SAMPLERS[name](ScaledWrapper(d), x, steps=6, clip_denoised=False, generator=torch.Generator().manual_seed(0))
     assert ScaledWrapper.calls == nfe
-    torch.testing.assert_close(out, get_sampler(name)(d, x, steps=6, clip_denoised=False))
+    torch.testing.assert_close(
+        out, get_sampler(name)(d, x, steps=6, clip_denoised=False, generator=torch.Generator().manual_seed(0)))
 
 
 def test_callback_and_generator():
@@ -247,7 +276,8 @@ def test_solver_timesteps():
 
 
 def test_unknown_sampler_lists_names():
-    with pytest.raises(ValueError, match=r"unknown sampler 'dpm'.*ancestral, ddim, dpmpp-2m, euler, heun"):
+    names = "ancestral, ddim, dpmpp-2m, dpmpp-2m-sde, euler, heun"
+    with pytest.raises(ValueError, match=rf"unknown sampler 'dpm'.*{names}"):
         SAMPLERS["dpm"]
     with pytest.raises(ValueError, match="valid: ancestral"):
         get_sampler("")

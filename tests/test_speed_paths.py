@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.nn import UNet, get_preset
-from difflab.nn.layers import qkv_attention
+from difflab.nn.layers import GroupNorm32, qkv_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,6 +45,54 @@ def test_cpu_attention_bf16_softmax_in_float32():
     out = qkv_attention(qkv.bfloat16(), 2, True)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), sdpa_reference(qkv, 2, True), rtol=0.05, atol=0.05)
+
+
+def float32_softmax_attention(qkv, heads):
+    """The plain low-precision path of the official code: softmax of scores.float(), cast back (legacy order)."""
+    n, width, length = qkv.shape
+    ch = width // (3 * heads)
+    q, k, v = qkv.reshape(n, heads, 3, ch, length).unbind(2)
+    scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / ch**0.5)
+    weight = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    return torch.matmul(weight, v.transpose(-1, -2)).transpose(-1, -2).reshape(n, heads * ch, length)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_attention_skips_the_casts_exactly(dtype):
+    """Without the float32 round trip the forward output is bit-identical (the CPU softmax kernel accumulates
+    in float32 and rounds once); gradients agree to the low precision's rounding."""
+    g = torch.Generator().manual_seed(2)
+    qkv = (torch.randn(4, 3 * 2 * 32, 256, generator=g) * 3).to(dtype).requires_grad_(True)
+    w = torch.randn(4, 2 * 32, 256, generator=g).to(dtype)
+    out = qkv_attention(qkv, 2, True)
+    ref = float32_softmax_attention(qkv, 2)
+    assert out.dtype == dtype and torch.equal(out, ref)
+    (grad,) = torch.autograd.grad((out.float() * w).sum(), qkv)
+    (ref_grad,) = torch.autograd.grad((ref.float() * w).sum(), qkv)
+    scale = ref_grad.float().abs().max()
+    assert ((grad.float() - ref_grad.float()).abs().max() / scale).item() < 2**-7  # one bf16 epsilon
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_group_norm_matches_float32_path(dtype):
+    """GroupNorm32 on half types skips the float32 round trip on the CPU: outputs and gradients equal the
+    official float32-and-cast-back path to one rounding of the half type."""
+    g = torch.Generator().manual_seed(3)
+    gn = GroupNorm32(8, 64)
+    with torch.no_grad():
+        gn.weight.normal_(1, 0.3, generator=g)
+        gn.bias.normal_(0, 0.3, generator=g)
+    x = (torch.randn(4, 64, 16, 16, generator=g) * 2 + 0.5).to(dtype).requires_grad_(True)
+    w = torch.randn(4, 64, 16, 16, generator=g)
+    out = gn(x)
+    ref = torch.nn.functional.group_norm(x.float(), 8, gn.weight, gn.bias, gn.eps).to(dtype)
+    assert out.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    assert ((out.float() - ref.float()).abs() <= eps * ref.float().abs().clamp_min(1)).all()
+    grads = torch.autograd.grad((out.float() * w).sum(), [x, gn.weight, gn.bias])
+    ref_grads = torch.autograd.grad((ref.float() * w).sum(), [x, gn.weight, gn.bias])
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < eps
 
 
 def test_channels_last_unet_same_output():

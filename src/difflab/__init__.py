@@ -43,6 +43,7 @@ from difflab.samplers import (
     sample_ancestral,
     sample_ddim,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_heun,
 )
@@ -59,7 +60,7 @@ __all__ = [
     "normal_kl", "discretized_gaussian_log_likelihood", "training_losses", "vb_terms_bpd",
     "calc_bpd_loop", "prior_bpd",
     "p_sample", "sample_ancestral", "ddim_sample", "ddim_reverse_sample", "sample_ddim", "ddim_invert",
-    "sample_dpmpp_2m", "sample_euler", "sample_heun", "SAMPLERS", "get_sampler",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler", "sample_heun", "SAMPLERS", "get_sampler",
     "UniformSampler", "LossSecondMomentResampler", "create_timestep_sampler",
     "ClassifierGuidance", "ClassifierFreeGuidance", "ClassifierInfo", "classifier_free_denoiser",
     "classifier_grad_fn", "drop_labels", "guided_denoiser",

@@ -381,7 +381,8 @@ class TrainConfig:
     keep_last: int = 3
     # seeds parameters init, data order, flips, timesteps and noise
     seed: int = 0
-    # run the network under bf16 autocast (CUDA only; weights and EMA stay float32)
+    # run the network under bf16 autocast (CUDA, or CPU: fast where it has AMX / AVX512-BF16); weights,
+    # optimiser state, EMA and the loss stay float32
     bf16: bool = False
 
     def __post_init__(self) -> None:
@@ -409,7 +410,7 @@ class SampleConfig:
     """How ``difflab sample`` draws images from a trained run."""
 
     # a name of difflab.samplers.SAMPLERS
-    sampler: Literal["ancestral", "ddim", "dpmpp-2m", "euler", "heun"] = "ancestral"
+    sampler: Literal["ancestral", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"] = "ancestral"
     # network evaluations via respacing; null = all T steps
     steps: int | None = None
     # DDIM: 0 = deterministic, 1 = ancestral-like noise

@@ -143,3 +143,18 @@ def test_warmup_is_linear(tmp_path):
     assert main(["train", str(TINY), "--out", str(run), "--max-steps", "4", "--quiet",
                  *sets(*TINY_SET, "train.warmup_steps=4", "train.lr=0.002", "train.log_every=1")]) == 0
     assert [r["lr"] for r in read_metrics(run / "metrics.jsonl")] == pytest.approx([0.0005, 0.001, 0.0015, 0.002])
+
+
+def test_bf16_autocast_on_cpu_tracks_float32(tmp_path):
+    """train.bf16 runs the network under CPU bf16 autocast: the losses differ from float32 (the arithmetic
+    changed) yet track it step by step, and the weights and EMA stay float32."""
+    losses = {}
+    for bf16 in ("false", "true"):
+        run = tmp_path / f"bf16-{bf16}"
+        assert main(["train", str(TINY), "--out", str(run), "--max-steps", "6", "--quiet",
+                     *sets(*TINY_SET, "train.log_every=1", f"train.bf16={bf16}")]) == 0
+        losses[bf16] = [r["mse"] for r in read_metrics(run / "metrics.jsonl")]
+    assert losses["true"] != losses["false"]
+    np.testing.assert_allclose(losses["true"], losses["false"], rtol=0.03)
+    for which in ("model", "ema_0.99"):
+        assert {v.dtype for v in weights(tmp_path / "bf16-true", which).values()} == {torch.float32}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from difflab.samplers.ancestral import p_sample, sample_ancestral
 from difflab.samplers.ddim import ddim_invert, ddim_reverse_sample, ddim_sample, sample_ddim
-from difflab.samplers.dpm_solver import dpmpp_2m_update, sample_dpmpp_2m
+from difflab.samplers.dpm_solver import dpmpp_2m_update, sample_dpmpp_2m, sample_dpmpp_2m_sde
 from difflab.samplers.karras import sample_euler, sample_heun
 from difflab.samplers.spacing import solver_timesteps
 
@@ -24,7 +24,7 @@ class SamplerRegistry(dict):
 SAMPLERS: dict[str, Callable] = SamplerRegistry(
     ancestral=sample_ancestral,
     ddim=sample_ddim,
-    **{"dpmpp-2m": sample_dpmpp_2m},
+    **{"dpmpp-2m": sample_dpmpp_2m, "dpmpp-2m-sde": sample_dpmpp_2m_sde},
     euler=sample_euler,
     heun=sample_heun,
 )
@@ -37,6 +37,6 @@ def get_sampler(name: str) -> Callable:
 
 __all__ = [
     "p_sample", "sample_ancestral", "ddim_sample", "ddim_reverse_sample", "sample_ddim", "ddim_invert",
-    "sample_dpmpp_2m", "dpmpp_2m_update", "sample_euler", "sample_heun", "solver_timesteps",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "dpmpp_2m_update", "sample_euler", "sample_heun", "solver_timesteps",
     "SAMPLERS", "get_sampler",
 ]

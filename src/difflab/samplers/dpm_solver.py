@@ -19,6 +19,13 @@ Second order multistep (Algorithm 2):
     D = (1 + 1 / (2 r)) x0 - 1 / (2 r) x0_prev
     x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
 K steps cost K network evaluations.
+
+SDE-DPM-Solver++(2M) (``sde=True``; diffusers' ``algorithm_type="sde-dpmsolver++"``, k-diffusion's
+``sample_dpmpp_2m_sde`` with eta = 1, midpoint) integrates the linear part of the reverse SDE exactly
+and adds fresh noise z ~ N(0, I) each step:
+    x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z
+Its first-order step is the DDPM posterior q(x_t | x_s, x0^) (DDIM with eta = 1): the x_s coefficient
+is sqrt(abar_s / abar_t) (1 - abar_t) / (1 - abar_s) and the noise variance is beta~.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 
 from difflab.denoiser import Denoiser
 from difflab.guidance import CondFn
-from difflab.samplers.common import initial_state
+from difflab.samplers.common import initial_state, step_noise
 from difflab.samplers.spacing import (
     StepSpec,
     abar_schedule,
@@ -53,25 +60,35 @@ def _lam(abar: float) -> float:
 
 
 def dpmpp_2m_update(
-    x_s: Tensor, x0: Tensor, x0_prev: Tensor | None, abar_s: float, abar_t: float, abar_prev: float | None
+    x_s: Tensor,
+    x0: Tensor,
+    x0_prev: Tensor | None,
+    abar_s: float,
+    abar_t: float,
+    abar_prev: float | None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """One DPM-Solver++ step x_s -> x_t ([N, C, ...]): second order from ``x0_prev`` at ``abar_prev``, else first.
 
-    abar_t = 1 (sigma_t = 0) returns x0, the limit of the first-order update.
+    ``noise`` (z, shaped like x_s) makes it the SDE-DPM-Solver++ step; None is the ODE step.
+    abar_t = 1 (sigma_t = 0) returns x0, the limit of the first-order update (of both).
     """
     if abar_t >= 1.0:
         return x0
     sigma_s, sigma_t, alpha_t = math.sqrt(1 - abar_s), math.sqrt(1 - abar_t), math.sqrt(abar_t)
     lam_s, lam_t = _lam(abar_s), _lam(abar_t)
     h = lam_t - lam_s
-    # -alpha_t (e^{-h} - 1), with expm1 for small h.
-    c_x0 = -alpha_t * math.expm1(-h)
     if x0_prev is None:
         d = x0
     else:
         r = (lam_s - _lam(abar_prev)) / h
         d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-    return (sigma_t / sigma_s) * x_s + c_x0 * d
+    if noise is None:
+        # -alpha_t (e^{-h} - 1), with expm1 for small h.
+        return (sigma_t / sigma_s) * x_s + (-alpha_t * math.expm1(-h)) * d
+    one_minus = -math.expm1(-2 * h)  # 1 - e^{-2h}
+    return (sigma_t / sigma_s * math.exp(-h)) * x_s + (alpha_t * one_minus) * d + (
+        sigma_t * math.sqrt(one_minus)) * noise
 
 
 def sample_dpmpp_2m(
@@ -80,6 +97,7 @@ def sample_dpmpp_2m(
     *,
     steps: StepSpec = 20,
     order: int = 2,
+    sde: bool = False,
     clip_denoised: bool = True,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     cond_fn: CondFn | None = None,
@@ -99,6 +117,7 @@ def sample_dpmpp_2m(
             "logsnrK" / "timeK" (diffusers' "linspace") / "karrasK" (see :mod:`difflab.samplers.spacing`);
             ``None`` visits every step of the denoiser's process.
         order: 2 (DPM-Solver++(2M)) or 1 (DPM-Solver++(1) = DDIM with eta = 0).
+        sde: SDE-DPM-Solver++(2M): fresh noise from ``generator`` every step (order 1: DDIM with eta = 1).
         clip_denoised: clip x0^ to [-1, 1] (diffusers' ``thresholding`` is the dynamic variant).
         cond_fn: classifier guidance, applied to the score (ADM Alg. 2) before x0^ is read.
         callback: receives ``{"i", "t", "x", "pred_xstart"}`` after each step.
@@ -120,7 +139,13 @@ def sample_dpmpp_2m(
             )
             x0 = p.pred_xstart
             use_prev = x0_prev if order == 2 else None
-            x = dpmpp_2m_update(x, x0, use_prev, abars[i], abars[i + 1], abars[i - 1] if i > 0 else None)
+            noise = step_noise(x, generator) if sde and abars[i + 1] < 1.0 else None
+            x = dpmpp_2m_update(x, x0, use_prev, abars[i], abars[i + 1], abars[i - 1] if i > 0 else None, noise)
             x0_prev = x0
             report(callback, i, step, x, x0)
     return release(x)
+
+
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x_T: Tensor | Sequence[int], **kwargs: Any) -> Tensor:
+    """SDE-DPM-Solver++(2M): :func:`sample_dpmpp_2m` with ``sde=True`` (same arguments)."""
+    return sample_dpmpp_2m(denoiser, x_T, sde=True, **kwargs)

@@ -136,7 +136,7 @@ class Trainer:
             "noise": torch.Generator(self.device).manual_seed(_seed_for(tc.seed, "noise")),
             "labels": torch.Generator().manual_seed(_seed_for(tc.seed, "labels")),
         }
-        self.autocast = self.device.type == "cuda" and tc.bf16
+        self.autocast = tc.bf16
         self.step = 0
         self.seconds = 0.0  # training wall-clock over every session of the run
         self.metrics = MetricsLog(self.run_dir / METRICS_NAME, tc.log_every, write=self.main)

@@ -121,8 +121,9 @@ def sample_cell(run: str, sampler: str, steps: int, *, n: int, batch: int, seed:
     def compute() -> dict:
         cfg, den = load(run, var_type)
         shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
-        x = draw(fn or SAMPLERS[sampler], den, shape, n, batch, seed, steps=steps,
-                 **{"clip_denoised": cfg.sample.clip_denoised, **kwargs})
+        # clip_denoised: the sampler's own default unless kwargs say (run configs of older versions store
+        # clip_denoised: true, which was then every sampler's default)
+        x = draw(fn or SAMPLERS[sampler], den, shape, n, batch, seed, steps=steps, **kwargs)
         return score(x, cfg.data)
 
     return Cell(key, float(n * steps), compute)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import sys
@@ -34,6 +35,7 @@ import torch
 from cells import add_cell_arguments, run_cells, sample_cell, write_results
 from difflab.build import load_run_config
 from difflab.samplers import SAMPLERS
+from difflab.samplers.common import step_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -48,13 +50,14 @@ def with_spacing(fn, spacing: str):
     return run
 
 
-def steps_for_nfe(name: str, nfe: int) -> int:
-    """Sampler steps that cost ``nfe`` network evaluations (Heun: 2K - 1 evaluations for K steps)."""
-    return (nfe + 1) // 2 if name == "heun" else nfe
+def diffusers_dpmpp_2m(denoiser, x_T: torch.Tensor, *, steps: int, model_kwargs=None, clip_denoised=True,
+                       generator=None, sde: bool = False, **_):
+    """diffusers' DPM-Solver++(2M) loop around a difflab denoiser's network (eps or v; learned variance split off).
 
-
-def diffusers_dpmpp_2m(denoiser, x_T: torch.Tensor, *, steps: int, model_kwargs=None, clip_denoised=True, **_):
-    """diffusers' DPM-Solver++(2M) loop around a difflab denoiser's network (eps or v; learned variance split off)."""
+    ``sde=True`` runs its ``algorithm_type="sde-dpmsolver++"`` with the step noise drawn exactly as difflab's
+    ``dpmpp-2m-sde`` draws it from ``generator`` (none at the final jump to sigma = 0), so that the two
+    implementations can be compared sample for sample.
+    """
     from diffusers import DPMSolverMultistepScheduler
 
     process, param = denoiser.process, denoiser.parameterization
@@ -62,19 +65,42 @@ def diffusers_dpmpp_2m(denoiser, x_T: torch.Tensor, *, steps: int, model_kwargs=
         raise ValueError("diffusers' solver takes eps or v predictions")
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=process.num_timesteps, trained_betas=process.betas.numpy(),
-        algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon" if param.mean_type == "eps"
-        else "v_prediction", thresholding=False, lower_order_final=True, final_sigmas_type="zero",
+        algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++", solver_order=2,
+        prediction_type="epsilon" if param.mean_type == "eps" else "v_prediction", thresholding=False,
+        lower_order_final=True, final_sigmas_type="zero",
     )
     sched.set_timesteps(steps, device=x_T.device)
     x = x_T
     c = x.shape[1]
+    last = len(sched.timesteps) - 1
     with torch.inference_mode():
-        for t in sched.timesteps:
+        for i, t in enumerate(sched.timesteps):
             tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
             out = denoiser.net(x, process.original_t(tt), **(model_kwargs or {})).to(x.dtype)[:, :c]
-            x = sched.step(out, t, x).prev_sample
+            noise = None
+            if sde:
+                noise = torch.zeros_like(x) if i == last else step_noise(x, generator)
+            x = sched.step(out, t, x, variance_noise=noise).prev_sample
     x = x.clone()
     return x.clamp(-1, 1) if clip_denoised else x
+
+
+SPACINGS = ("logsnr", "time", "karras")
+
+
+def parse_row(name: str) -> tuple[str, str | None, bool | None]:
+    """A row name -> (sampler, spacing suffix or None, clip_denoised or None = the sampler's default).
+
+    "dpmpp-2m-sde-logsnr-clip" -> ("dpmpp-2m-sde", "logsnr", True); "ddim" -> ("ddim", None, None).
+    """
+    clip = None
+    for suffix, value in (("-noclip", False), ("-clip", True)):
+        if name.endswith(suffix):
+            name, clip = name.removesuffix(suffix), value
+    head, _, tail = name.rpartition("-")
+    if head and tail in SPACINGS:
+        return head, tail, clip
+    return name, None, clip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", default="runs/ablation/cosine-hybrid", metavar="RUN",
                    help="run folder written by difflab train")
     p.add_argument("--samplers",
-                   default="dpmpp-2m,dpmpp-2m-time,dpmpp-2m-time-noclip,ddim,ancestral,diffusers-dpmpp-2m",
-                   help=f"comma-separated among {', '.join(SAMPLERS)}, diffusers-dpmpp-2m, and any of "
-                   "them with a solver spacing suffix (-logsnr, -time, -karras), e.g. dpmpp-2m-time, and/or -noclip "
-                   "(x0 not clipped to [-1, 1], as diffusers' solver without thresholding)")
+                   default="dpmpp-2m,dpmpp-2m-clip,dpmpp-2m-logsnr,dpmpp-2m-sde,dpmpp-2m-sde-clip,dpmpp-2m-sde-logsnr,"
+                   "ddim,ancestral,diffusers-dpmpp-2m,diffusers-dpmpp-2m-sde",
+                   help=f"comma-separated among {', '.join(SAMPLERS)}, diffusers-dpmpp-2m, diffusers-dpmpp-2m-sde, "
+                   "each optionally with a solver spacing suffix (-logsnr, -time, -karras), e.g. dpmpp-2m-logsnr, "
+                   "and/or -clip / -noclip (x0^ clipped to [-1, 1] or not; default: the sampler's own)")
     p.add_argument("--nfe", default="5,10,20,50", help="network evaluations per sample, comma-separated")
     p.add_argument("--reference", default="ancestral", help="sampler of the reference row, over all T steps")
     p.add_argument("--reference-steps", type=int, default=None, metavar="K",
@@ -101,22 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     names = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    fns = {}
+    fns, clips = {}, {}
     for name in names:
-        if name == "diffusers-dpmpp-2m":
+        base, spacing, clips[name] = parse_row(name)
+        if base.startswith("diffusers-"):
+            if base not in ("diffusers-dpmpp-2m", "diffusers-dpmpp-2m-sde") or spacing:
+                p.error(f"unknown row {name!r}; valid diffusers rows: diffusers-dpmpp-2m, diffusers-dpmpp-2m-sde")
             try:
                 import diffusers  # noqa: F401
             except ImportError:
-                print("diffusers is not installed here: skipping diffusers-dpmpp-2m", file=sys.stderr)
+                print(f"diffusers is not installed here: skipping {name}", file=sys.stderr)
                 continue
-            fns[name] = diffusers_dpmpp_2m
-        elif name.removesuffix("-noclip").rsplit("-", 1)[-1] in ("logsnr", "time", "karras"):
-            base, spacing = name.removesuffix("-noclip").rsplit("-", 1)
-            fns[name] = with_spacing(SAMPLERS[base], spacing)
-        elif name.endswith("-noclip"):
-            fns[name] = SAMPLERS[name.removesuffix("-noclip")]
+            fns[name] = functools.partial(diffusers_dpmpp_2m, sde=base.endswith("-sde"))
         else:
-            fns[name] = SAMPLERS[name]  # ValueError listing the valid names
+            fn = SAMPLERS[base]  # ValueError listing the valid names
+            fns[name] = with_spacing(fn, spacing) if spacing else fn
     nfes = [int(v) for v in args.nfe.split(",")]
     if any(v < 1 for v in nfes) or args.n < 2 or args.batch < 1:
         p.error("--nfe values must be >= 1, --n >= 2 and --batch >= 1")
@@ -127,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(args.reference, K_ref, K_ref)] + ([("ddim", args.ode_limit, args.ode_limit)] if args.ode_limit else [])
     for nfe in nfes:
         for name in fns:
-            steps = steps_for_nfe(name, nfe)
-            row = (name, 2 * steps - 1 if name == "heun" else steps, steps)
+            heun = parse_row(name)[0] == "heun"
+            steps = (nfe + 1) // 2 if heun else nfe  # Heun: 2K - 1 evaluations for K steps
+            row = (name, 2 * steps - 1 if heun else steps, steps)
             if row not in grid:  # Heun reaches odd NFE only
                 grid.append(row)
     cells = [sample_cell(args.run, name, steps, fn=fns.get(name), **common,
-                         **({"clip_denoised": False} if name.endswith("-noclip") else {}))
+                         **({} if clips.get(name) is None else {"clip_denoised": clips[name]}))
              for name, _, steps in grid]
     results = run_cells(cells, Path(args.cache or ROOT / "runs" / "cells"))
     if results is None:
@@ -154,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per process, cpu",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__},
         "date": datetime.date.today().isoformat(),
-        "notes": "int steps for dpmpp-2m / euler / heun are uniform in log-SNR; ddim / ancestral use evenly "
-                 "strided steps; diffusers-dpmpp-2m uses diffusers' default 'linspace' timesteps",
+        "notes": "int steps: dpmpp-2m(-sde) 'timeK' (diffusers' default 'linspace'), no x0 clipping; euler / heun "
+                 "uniform in log-SNR; ddim / ancestral evenly strided steps with clipping; diffusers rows: "
+                 "DPMSolverMultistepScheduler (dpmsolver++ / sde-dpmsolver++, order 2, linspace, no thresholding)",
     }
     if args.out:
         out = Path(args.out)

@@ -1,5 +1,9 @@
 """Few-step ODE samplers (DPM-Solver++(2M), Karras Euler / Heun) on Gaussian mixtures with exact denoisers.
 
+The mixture's modes (std 0.07) are narrower than the noise at the last step of time spacing (~T/K), from
+which the solver jumps to x0^ = E[x0 | x_t] and under-disperses them; the mixture tests therefore pass
+"logsnrK", which ends at step 0, rather than DPM-Solver++'s int default "timeK" (better FD on images).
+
 Checks: the mixture is reproduced in few steps; first-order DPM-Solver++ and Euler are DDIM (eta = 0)
 on the same steps to float64 rounding; eps, x0 and v parameterizations that predict the same x0 give
 the same samples; class conditioning and exact classifier guidance draw one component; bad input.
@@ -39,7 +43,7 @@ def linear_denoiser(mix=MIX_2D, var_type="fixed_small"):
     [
         # 20 evaluations. The narrow modes (std 0.07) are the hard part; the exact ODE itself (1000 DDIM
         # steps) is within ~4% here, and 20 DDIM steps are 22% off.
-        (sample_dpmpp_2m, 20, 0.15),
+        (sample_dpmpp_2m, "logsnr20", 0.15),
         (sample_heun, 15, 0.15),  # 29 evaluations
         (sample_euler, 50, 0.15),  # first order: 50 evaluations
     ],
@@ -56,14 +60,14 @@ def test_sde_variant_reproduces_mixture(schedule, steps):
     schedule 20 leave the component means ~0.05 off (the stochastic solver needs more steps there), 50 do not."""
     process = Process.named(schedule, 1000)
     d = Denoiser(MIX_2D.eps_net(process), process, Parameterization("eps"))
-    x = sample_dpmpp_2m_sde(d, x_T(MIX_2D, 20), steps=steps, clip_denoised=False,
+    x = sample_dpmpp_2m_sde(d, x_T(MIX_2D, 20), steps=f"logsnr{steps}", clip_denoised=False,
                             generator=torch.Generator().manual_seed(11))
     assert_reproduces(MIX_2D, x, mean_tol=0.03, std_rel_tol=0.15)
 
 
 def test_dpmpp_2m_on_cosine_schedule():
     """The cosine schedule's top step (abar ~ 2e-9) is stiff; 20 steps still draw the weights and means."""
-    x = sample_dpmpp_2m(optimal_denoiser(MIX_2D), x_T(MIX_2D, 20), steps=20, clip_denoised=False)
+    x = sample_dpmpp_2m(optimal_denoiser(MIX_2D), x_T(MIX_2D, 20), steps="logsnr20", clip_denoised=False)
     assert_reproduces(MIX_2D, x, std_rel_tol=0.2)
 
 
@@ -77,7 +81,7 @@ def test_second_order_converges_faster_than_ddim():
     def err(out):
         return (out - exact).abs().mean().item()
 
-    e_2m = {k: err(sample_dpmpp_2m(d, x, steps=k, clip_denoised=False)) for k in (10, 20, 40)}
+    e_2m = {k: err(sample_dpmpp_2m(d, x, steps=f"logsnr{k}", clip_denoised=False)) for k in (10, 20, 40)}
     e_ddim = err(sample_ddim(d, x, steps=20, clip_denoised=False))
     assert e_2m[20] < e_ddim / 3, (e_2m, e_ddim)
     assert e_2m[10] > 2 * e_2m[20] > 4 * e_2m[40], e_2m
@@ -181,7 +185,7 @@ def test_class_conditional_model_kwargs():
     """model_kwargs reach the network: the optimal conditional denoiser with y = k draws component k."""
     d = optimal_denoiser(MIX_2D)
     y = torch.full((2000,), 1)
-    x = sample_dpmpp_2m(d, x_T(MIX_2D, 8)[:2000], steps=20, clip_denoised=False, model_kwargs={"y": y})
+    x = sample_dpmpp_2m(d, x_T(MIX_2D, 8)[:2000], steps="logsnr20", clip_denoised=False, model_kwargs={"y": y})
     assert_reproduces(_component(1), x, mean_tol=0.01)
 
 
@@ -199,7 +203,7 @@ def test_classifier_guidance_with_exact_classifier():
             log_p = MIX_2D.class_log_posterior(x_in, abar)[:, k]
             return torch.autograd.grad(log_p.sum(), x_in)[0]
 
-    x = sample_dpmpp_2m(d, x_T(MIX_2D, 9)[:2000], steps=20, clip_denoised=False, cond_fn=cond_fn)
+    x = sample_dpmpp_2m(d, x_T(MIX_2D, 9)[:2000], steps="logsnr20", clip_denoised=False, cond_fn=cond_fn)
     assert_reproduces(_component(k), x, mean_tol=0.01)
 
 
@@ -257,6 +261,26 @@ def test_samples_are_ordinary_tensors():
 
 
 # -- step spacings ----------------------------------------------------------------------------------
+
+
+def test_int_steps_default_spacing():
+    """An int K is "timeK" for DPM-Solver++ (both variants) and "logsnrK" for Euler / Heun; no clipping is
+    DPM-Solver++'s default, clipping the others' (modes beyond +-1, so that clipping x0^ acts)."""
+    wide = GaussianMixture(means=[[-1.3, 0.4], [1.2, -0.2]], stds=[0.1, 0.1], weights=[0.5, 0.5])
+    d = optimal_denoiser(wide)
+    x = x_T(wide, 12)[:64]
+
+    def g():
+        return torch.Generator().manual_seed(3)
+
+    assert torch.equal(sample_dpmpp_2m(d, x, steps=7), sample_dpmpp_2m(d, x, steps="time7", clip_denoised=False))
+    assert not torch.equal(sample_dpmpp_2m(d, x, steps=7), sample_dpmpp_2m(d, x, steps="time7", clip_denoised=True))
+    assert not torch.equal(sample_dpmpp_2m(d, x, steps=7), sample_dpmpp_2m(d, x, steps="logsnr7"))
+    assert torch.equal(sample_dpmpp_2m_sde(d, x, steps=7, generator=g()),
+                       sample_dpmpp_2m_sde(d, x, steps="time7", clip_denoised=False, generator=g()))
+    for sampler in (sample_euler, sample_heun):
+        assert torch.equal(sampler(d, x, steps=7), sampler(d, x, steps="logsnr7", clip_denoised=True))
+        assert not torch.equal(sampler(d, x, steps=7), sampler(d, x, steps="logsnr7", clip_denoised=False))
 
 
 def test_solver_timesteps():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.nn import UNet, get_preset
-from difflab.nn.layers import GroupNorm32, qkv_attention
+from difflab.nn.layers import GroupNorm32, _heads_last, qkv_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,6 +45,23 @@ def test_cpu_attention_bf16_softmax_in_float32():
     out = qkv_attention(qkv.bfloat16(), 2, True)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), sdpa_reference(qkv, 2, True), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sdpa_inputs_have_unit_channel_stride(legacy):
+    """The GPU path hands SDPA q, k, v [N, H, L, C] with unit stride along C (what its flash and memory-efficient
+    kernels need; with any other stride it falls back to the float32 math kernel), holding the same numbers
+    as the plain channel-first views."""
+    heads, ch, n, length = 3, 8, 2, 20
+    qkv = torch.randn(n, 3 * heads * ch, length, generator=torch.Generator().manual_seed(4))
+    parts = _heads_last(qkv, heads, 3, legacy)
+    if legacy:
+        ref = qkv.reshape(n, heads, 3, ch, length).unbind(2)
+    else:
+        ref = qkv.reshape(n, 3, heads, ch, length).unbind(1)
+    for got, want in zip(parts, ref, strict=True):
+        assert got.shape == (n, heads, length, ch) and got.stride(-1) == 1
+        assert torch.equal(got, want.transpose(-1, -2))
 
 
 def float32_softmax_attention(qkv, heads):

@@ -419,8 +419,9 @@ class SampleConfig:
     n: int = 64
     # images per network call
     batch: int = 64
-    # clip the predicted x0 to [-1, 1] at each step
-    clip_denoised: bool = True
+    # clip the predicted x0 to [-1, 1] at each step; null = the sampler's default (on for ancestral, ddim,
+    # euler, heun as in the OpenAI code; off for dpmpp-2m and dpmpp-2m-sde as in DPM-Solver++ and diffusers)
+    clip_denoised: bool | None = None
     # classifier-free guidance weight w: (1+w)*eps_c - w*eps_u; 0 = off
     guidance_scale: float = 0.0
     # noisy classifier for classifier guidance: a classifier run folder or its .safetensors; null = none

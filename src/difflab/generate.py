@@ -143,7 +143,7 @@ def draw_samples(
     steps = sc.steps if steps is None else steps
     if steps is not None and not 1 <= steps <= cfg.diffusion.steps:
         raise ValueError(f"steps must be in [1, {cfg.diffusion.steps}] (diffusion.steps), got {steps}")
-    kwargs = {"clip_denoised": sc.clip_denoised}
+    kwargs = {} if sc.clip_denoised is None else {"clip_denoised": sc.clip_denoised}
     if steps is not None:
         kwargs["steps"] = steps
     if "eta" in inspect.signature(fn).parameters:

@@ -232,6 +232,23 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+def _heads_last(t: torch.Tensor, n_heads: int, parts: int, legacy_order: bool) -> tuple[torch.Tensor, ...]:
+    """Split a fused [N, parts * H * C, L] tensor into ``parts`` tensors [N, H, L, C] with unit stride along C.
+
+    One copy (to [N, L, parts * H * C]); the unit channel stride is what SDPA's flash and memory-efficient
+    kernels require (otherwise it falls back to its float32 math kernel). Channel layouts as in
+    :func:`qkv_attention` (legacy: heads, then parts; new: parts, then heads).
+    """
+    n, width, length = t.shape
+    ch = width // (parts * n_heads)
+    t = t.transpose(1, 2).contiguous()  # [N, L, width]
+    if legacy_order:
+        t = t.reshape(n, length, n_heads, parts, ch).permute(3, 0, 2, 1, 4)  # [parts, N, H, L, C]
+    else:
+        t = t.reshape(n, length, parts, n_heads, ch).permute(2, 0, 3, 1, 4)
+    return t.unbind(0)
+
+
 def qkv_attention(
     qkv: torch.Tensor,
     n_heads: int,
@@ -249,33 +266,21 @@ def qkv_attention(
     ``encoder_kv`` [N, H * 2 * C, S] (legacy) or [N, 2 * (H * C), S] (new) gives S extra keys/values,
     placed before the T image keys (GLIDE). ``key_mask`` [N, S] (True = attend) masks context keys;
     image keys are always attended. Scores are q.k / sqrt(C), softmax over keys, computed with
-    ``scaled_dot_product_attention`` (on CPUs without a mask: two matmuls, softmax in float32).
+    ``scaled_dot_product_attention`` (on CPUs without context: two matmuls, see below).
 
     Returns:
         [N, H * C, T], heads concatenated along channels (same layout for both orders).
     """
     n, width, length = qkv.shape
     ch = width // (3 * n_heads)
-    if legacy_order:
-        q, k, v = qkv.reshape(n, n_heads, 3, ch, length).unbind(2)
-    else:
-        q, k, v = qkv.reshape(n, 3, n_heads, ch, length).unbind(1)
-    mask = None
-    if encoder_kv is not None:
-        s = encoder_kv.shape[-1]
-        if legacy_order:
-            ek, ev = encoder_kv.reshape(n, n_heads, 2, ch, s).unbind(2)
-        else:
-            ek, ev = encoder_kv.reshape(n, 2, n_heads, ch, s).unbind(1)
-        k = torch.cat([ek, k], dim=-1)
-        v = torch.cat([ev, v], dim=-1)
-        if key_mask is not None:
-            ones = torch.ones(n, length, dtype=torch.bool, device=qkv.device)
-            mask = torch.cat([key_mask.to(torch.bool), ones], dim=-1)[:, None, None, :]  # [N,1,1,S+T]
-    if mask is None and not qkv.is_cuda:
+    if encoder_kv is None and not qkv.is_cuda:
         # CPU: two matmuls straight on the channel-first [N, H, C, L] views (BLAS takes the transposes as
         # flags) are 20-40% faster for training than SDPA, whose fused CPU kernels need stride-1 channels
         # (a copy in and out) and whose math fallback adds masked-softmax checks (benchmarks/throughput.py).
+        if legacy_order:
+            q, k, v = qkv.reshape(n, n_heads, 3, ch, length).unbind(2)
+        else:
+            q, k, v = qkv.reshape(n, 3, n_heads, ch, length).unbind(1)
         scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / math.sqrt(ch))  # [N, H, L_q, L_k]
         # The official code takes the softmax of scores.float() and casts back. The CPU softmax kernel already
         # accumulates bf16 / fp16 in float32 and rounds once, so its output is bit-identical without the two
@@ -285,9 +290,17 @@ def qkv_attention(
         # softmax backward reads, instead of copying it (+4% bf16, +2% float32 training steps).
         out = torch.matmul(weight, v.transpose(-1, -2))  # [N, H, L_q, C]
         return out.transpose(-1, -2).reshape(n, n_heads * ch, length)
-    # [N, H, C, L] -> [N, H, L, C] for SDPA (flash / memory-efficient kernels on GPUs).
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), mask)
-    return out.transpose(-1, -2).reshape(n, n_heads * ch, length)
+    q, k, v = _heads_last(qkv, n_heads, 3, legacy_order)  # [N, H, L, C] each
+    mask = None
+    if encoder_kv is not None:
+        ek, ev = _heads_last(encoder_kv, n_heads, 2, legacy_order)  # [N, H, S, C]
+        k = torch.cat([ek, k], dim=2)
+        v = torch.cat([ev, v], dim=2)
+        if key_mask is not None:
+            ones = torch.ones(n, length, dtype=torch.bool, device=qkv.device)
+            mask = torch.cat([key_mask.to(torch.bool), ones], dim=-1)[:, None, None, :]  # [N,1,1,S+T]
+    out = F.scaled_dot_product_attention(q, k, v, mask)  # [N, H, L, C]
+    return out.permute(0, 1, 3, 2).reshape(n, n_heads * ch, length)
 
 
 class AttentionBlock(nn.Module):

@@ -98,7 +98,7 @@ def sample_dpmpp_2m(
     steps: StepSpec = 20,
     order: int = 2,
     sde: bool = False,
-    clip_denoised: bool = True,
+    clip_denoised: bool = False,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     cond_fn: CondFn | None = None,
     generator: torch.Generator | None = None,
@@ -112,20 +112,21 @@ def sample_dpmpp_2m(
         denoiser: any :class:`Denoiser` (eps, x0 or v; any variance type) or a wrapper with its interface;
             the solver reads x0^ (``pred_xstart``) only.
         x_T: [N, C, ...] initial noise, or a shape to draw N(0, I) from ``generator``.
-        steps: which steps to visit (K steps = K network evaluations): an int K (= "logsnrK", uniform in
-            log-SNR), any respacing string ("ddim20", "20"), an explicit list, or a solver spacing
-            "logsnrK" / "timeK" (diffusers' "linspace") / "karrasK" (see :mod:`difflab.samplers.spacing`);
+        steps: which steps to visit (K steps = K network evaluations): an int K (= "timeK", diffusers'
+            default "linspace" spacing), any respacing string ("ddim20", "20"), an explicit list, or a solver
+            spacing "timeK" / "logsnrK" (uniform in log-SNR) / "karrasK" (see :mod:`difflab.samplers.spacing`);
             ``None`` visits every step of the denoiser's process.
         order: 2 (DPM-Solver++(2M)) or 1 (DPM-Solver++(1) = DDIM with eta = 0).
         sde: SDE-DPM-Solver++(2M): fresh noise from ``generator`` every step (order 1: DDIM with eta = 1).
-        clip_denoised: clip x0^ to [-1, 1] (diffusers' ``thresholding`` is the dynamic variant).
+        clip_denoised: clip x0^ to [-1, 1]. Off by default, as in Lu et al.'s code and diffusers (without
+            ``thresholding``): on MNIST clipping made every step count slightly worse (docs/results/few_steps.md).
         cond_fn: classifier guidance, applied to the score (ADM Alg. 2) before x0^ is read.
         callback: receives ``{"i", "t", "x", "pred_xstart"}`` after each step.
         model_kwargs: conditioning passed to the network (e.g. ``y``).
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
-    denoiser = respace_for_solver(denoiser, steps)
+    denoiser = respace_for_solver(denoiser, steps, default="time")
     x = initial_state(x_T, generator)
     abars = abar_schedule(denoiser)
     K = denoiser.num_timesteps

@@ -119,7 +119,8 @@ def sample_euler(
 ) -> Tensor:
     """Draw x_0 [N, C, ...] from x_T with Euler steps in sigma (k-diffusion ``sample_euler``, s_churn = 0).
 
-    ``steps``: as for :func:`~difflab.samplers.dpm_solver.sample_dpmpp_2m` (an int K = "logsnrK"; K evaluations).
+    ``steps``: the specs of :func:`~difflab.samplers.dpm_solver.sample_dpmpp_2m`, but an int K means "logsnrK"
+    (uniform in log-SNR); K evaluations.
     Other arguments as for :func:`~difflab.samplers.ddim.sample_ddim`; ``cond_fn`` guides the score.
     """
     return _karras_sample(

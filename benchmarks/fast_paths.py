@@ -1,0 +1,107 @@
+"""Before and after for each CPU fast path of difflab's U-Net: training img/s with one path reverted at a time.
+
+The fast paths (src/difflab/nn/layers.py) and the plain formulations they replace:
+
+* ``softmax``: low-precision attention scores go to the softmax as they are; plain: ``softmax(s.float())``
+  cast back (the official code), two [N, H, L, L] copies forward and two backward.
+* ``group_norm``: bf16 / fp16 GroupNorm with float32 affine parameters in one kernel; plain: GroupNorm of
+  ``x.float()`` cast back (the official ``GroupNorm32``).
+* ``attention_layout``: ``weight @ v^T``; plain: ``v @ weight^T``, whose backward copies the [L_q, L_k]
+  gradient into the layout the softmax backward reads.
+
+One process, one model per variant, timed in interleaved rounds (median); the same model, batch and
+resolution as benchmarks/throughput.py. Run it on an otherwise idle machine:
+
+    python benchmarks/fast_paths.py --threads 2 --precisions fp32,bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from difflab.nn import layers
+from throughput import Bench
+
+FAST_GROUP_NORM = layers.GroupNorm32.forward
+FAST_ATTENTION = layers.qkv_attention
+
+
+def plain_group_norm(self, x):
+    """The official GroupNorm32: float32, then cast back."""
+    return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).type(x.dtype)
+
+
+def attention(qkv, n_heads, legacy_order, encoder_kv=None, key_mask=None, *, cast: bool, layout: bool):
+    """CPU attention with the float32 softmax round trip (``cast``) and/or the ``v @ weight^T`` layout (not
+    ``layout``) put back; otherwise the library's formulation."""
+    if encoder_kv is not None or key_mask is not None:
+        raise ValueError("the benchmark model has no context tokens")
+    n, width, length = qkv.shape
+    ch = width // (3 * n_heads)
+    split = qkv.reshape(n, n_heads, 3, ch, length).unbind(2) if legacy_order else \
+        qkv.reshape(n, 3, n_heads, ch, length).unbind(1)
+    q, k, v = split
+    scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / math.sqrt(ch))
+    weight = torch.softmax(scores.float(), dim=-1).to(scores.dtype) if cast else torch.softmax(scores, dim=-1)
+    if layout:
+        return torch.matmul(weight, v.transpose(-1, -2)).transpose(-1, -2).reshape(n, n_heads * ch, length)
+    return torch.matmul(v, weight.transpose(-1, -2)).reshape(n, n_heads * ch, length)
+
+
+VARIANTS = {
+    "all fast paths": {},
+    "plain softmax": {"cast": True},
+    "plain group_norm": {"group_norm": True},
+    "plain attention_layout": {"layout": False},
+    "all plain": {"cast": True, "group_norm": True, "layout": False},
+}
+
+
+def use(variant: dict) -> None:
+    """Install the variant's formulations into difflab.nn.layers (the U-Net looks them up at call time)."""
+    layers.GroupNorm32.forward = plain_group_norm if variant.get("group_norm") else FAST_GROUP_NORM
+    if "cast" in variant or "layout" in variant:
+        cast, layout = variant.get("cast", False), variant.get("layout", True)
+        layers.qkv_attention = lambda *a, **kw: attention(*a, **kw, cast=cast, layout=layout)
+    else:
+        layers.qkv_attention = FAST_ATTENTION
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=3, help="training steps per variant per round")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for precision in [s.strip() for s in args.precisions.split(",") if s.strip()]:
+        if precision not in ("fp32", "bf16"):
+            p.error(f"unknown precision {precision!r}; valid: fp32, bf16")
+        bench = Bench("difflab", 32, 32, torch.device("cpu"), precision=precision)
+        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for variant in VARIANTS.values():  # warm-up every variant's kernels
+            use(variant)
+            bench.train_step()
+        for r in range(args.rounds):
+            for name in (list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]):
+                use(VARIANTS[name])
+                times[name].append(bench.time(bench.train_step, args.iters))
+        use({})
+        fast = statistics.median(times["all fast paths"])
+        print(f"\n{precision}, {torch.get_num_threads()} threads, batch 32, 1x32x32 (median of {args.rounds} rounds)")
+        print("| variant | train img/s | all fast paths vs this |\n|---|---|---|")
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"| {name} | {med:.1f} | {fast / med:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

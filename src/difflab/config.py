@@ -384,6 +384,9 @@ class TrainConfig:
     # run the network under bf16 autocast (CUDA, or CPU: fast where it has AMX / AVX512-BF16); weights,
     # optimiser state, EMA and the loss stay float32
     bf16: bool = False
+    # torch.compile the network (inductor): faster steps on GPUs (ADM-64 bf16 +71% on an H200), about +7% on
+    # a CPU after a minute or more of compilation (docs/results/speed.md)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _normalise(self)

@@ -158,3 +158,15 @@ def test_bf16_autocast_on_cpu_tracks_float32(tmp_path):
     np.testing.assert_allclose(losses["true"], losses["false"], rtol=0.03)
     for which in ("model", "ema_0.99"):
         assert {v.dtype for v in weights(tmp_path / "bf16-true", which).values()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """train.compile gives the eager run's losses to float tolerance (inductor reorders float arithmetic)."""
+    losses = {}
+    for compiled in ("false", "true"):
+        run = tmp_path / f"compile-{compiled}"
+        assert main(["train", str(TINY), "--out", str(run), "--max-steps", "4", "--quiet",
+                     *sets(*TINY_SET, "train.log_every=1", f"train.compile={compiled}")]) == 0
+        losses[compiled] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+    np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-4)

@@ -63,8 +63,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back (the official ``GroupNorm32``).
 
     On the CPU, bf16 / fp16 inputs go to the kernel as they are: it takes float32 weight and bias with
-    half-type data, computes in float32 and rounds once, so the two casts (a sixth of a bf16 training
-    step) are saved at a difference of at most one rounding (tests/test_speed_paths.py).
+    half-type data, computes in float32 and rounds once, so the two casts are saved (+5% per bf16 training
+    step, benchmarks/fast_paths.py) at a difference of at most one rounding (tests/test_speed_paths.py).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -284,10 +284,11 @@ def qkv_attention(
         scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / math.sqrt(ch))  # [N, H, L_q, L_k]
         # The official code takes the softmax of scores.float() and casts back. The CPU softmax kernel already
         # accumulates bf16 / fp16 in float32 and rounds once, so its output is bit-identical without the two
-        # casts, which cost a quarter of a bf16 training step (tests/test_speed_paths.py).
+        # casts (tests/test_speed_paths.py; +4% per bf16 training step, benchmarks/fast_paths.py).
         weight = torch.softmax(scores, dim=-1)
         # weight @ v^T, not v @ weight^T: the backward then yields the [L_q, L_k] gradient in the layout the
-        # softmax backward reads, instead of copying it (+4% bf16, +2% float32 training steps).
+        # softmax backward reads instead of copying it (one copy fewer; its time is within the noise of
+        # benchmarks/fast_paths.py).
         out = torch.matmul(weight, v.transpose(-1, -2))  # [N, H, L_q, C]
         return out.transpose(-1, -2).reshape(n, n_heads * ch, length)
     q, k, v = _heads_last(qkv, n_heads, 3, legacy_order)  # [N, H, L, C] each

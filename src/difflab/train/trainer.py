@@ -125,6 +125,8 @@ class Trainer:
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if tc.compile:
+            self.model = torch.compile(self.model)  # shares self.net's parameters; checkpoints stay plain
         self.denoiser = build_denoiser(cfg, self.model)
         self.loss_type = training_loss_type(cfg.diffusion)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tc.adam_betas,

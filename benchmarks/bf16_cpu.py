@@ -4,7 +4,8 @@ Trains ``configs/mnist-default.yaml`` twice for the same wall-clock budget, one 
 time (both see the same contention): once as it is, once with ``train.bf16=true`` (the network under bf16
 autocast; weights, Adam, EMA and the loss in float32). Then reports, for each: optimiser steps done, the
 training MSE averaged over the last 100 steps and over steps the two runs share, and the FD of 500 samples
-(SDE-DPM-Solver++(2M), 20 network evaluations, float32 sampling, the same noise) against MNIST-5k test.
+(SDE-DPM-Solver++(2M), 20 network evaluations, the same noise) against MNIST-5k test, sampled in float32
+and under bf16 autocast (``difflab sample --bf16``), with the seconds each sampling took.
 
     python benchmarks/bf16_cpu.py --minutes 8            # runs/bf16/{fp32,bf16}, then the table
 Writes docs/results/bf16-cpu.json and bf16-cpu-table.md.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from cells import run_cells, sample_cell, write_results
+from difflab.samplers import SAMPLERS
 from difflab.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +38,16 @@ def train(out: Path, minutes: float, bf16: bool) -> subprocess.Popen:
            "--max-minutes", str(minutes), "--quiet", "--set", f"train.bf16={'true' if bf16 else 'false'}",
            "--set", "train.log_every=1"]
     return subprocess.Popen(cmd, env=env, stdout=open(f"{out}.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def under_bf16(fn):
+    """``fn`` with every network call under CPU bf16 autocast (what ``difflab sample --bf16`` does)."""
+
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def mse_by_step(run: Path) -> dict[int, float]:
@@ -57,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         if any(proc.wait() for proc in procs):
             raise SystemExit(f"a training run failed: see {args.runs}/*.log")
     torch.set_num_threads(1)
-    cells = {name: sample_cell(str(run), "dpmpp-2m-sde", 20, n=args.n, batch=125) for name, run in runs.items()}
+    sampler = "dpmpp-2m-sde"
+    cells = {(name, sampling): sample_cell(str(run), sampler + ("-bf16" if sampling == "bf16" else ""), 20,
+                                           n=args.n, batch=125,
+                                           fn=under_bf16(SAMPLERS[sampler]) if sampling == "bf16" else None)
+             for name, run in runs.items() for sampling in ("fp32", "bf16")}
     results = run_cells(list(cells.values()), Path(args.runs) / "cells")
     mse = {name: mse_by_step(run) for name, run in runs.items()}
     shared = sorted(set(mse["fp32"]) & set(mse["bf16"]))
@@ -68,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             "steps": steps,
             "mse_last_100": float(np.mean([mse[name][s] for s in range(steps - 99, steps + 1) if s in mse[name]])),
             "mse_shared_steps": float(np.mean([mse[name][s] for s in shared])),
-            "fd": results[cells[name].key]["fd"],
+            **{f"fd_{sampling}_sampling": results[cells[name, sampling].key]["fd"] for sampling in ("fp32", "bf16")},
+            **{f"seconds_{sampling}_sampling": results[cells[name, sampling].key]["seconds"]
+               for sampling in ("fp32", "bf16")},
         }
     record = {
         "what": "configs/mnist-default.yaml trained for the same minutes in float32 and under CPU bf16 autocast",
@@ -79,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
     }
     write_results(Path(args.out), "bf16-cpu", record,
-                  ["precision", "steps in budget", "train MSE, last 100 steps", f"train MSE, steps 1-{len(shared)}",
-                   f"FD (n={args.n}, dpmpp-2m-sde 20 NFE)"],
-                  [[name, str(r["steps"]), f"{r['mse_last_100']:.4f}", f"{r['mse_shared_steps']:.4f}", f"{r['fd']:.3f}"]
+                  ["training precision", "steps in budget", "train MSE, last 100 steps",
+                   f"train MSE, steps 1-{len(shared)}", f"FD (n={args.n}, {sampler} 20 NFE), fp32 sampling",
+                   "bf16 sampling", "sampling seconds fp32 / bf16"],
+                  [[name, str(r["steps"]), f"{r['mse_last_100']:.4f}", f"{r['mse_shared_steps']:.4f}",
+                    f"{r['fd_fp32_sampling']:.3f}", f"{r['fd_bf16_sampling']:.3f}",
+                    f"{r['seconds_fp32_sampling']:.1f} / {r['seconds_bf16_sampling']:.1f}"]
                    for name, r in rows.items()])
     return 0
 

@@ -130,6 +130,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    "(ADM Alg. 1/2; default: sample.classifier_scale)")
     p.add_argument("--seed", type=int, help="noise seed (default: sample.seed)")
     p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
+    p.add_argument("--bf16", action="store_true", default=None, help="run the network under bf16 autocast "
+                   "(default: sample.bf16)")
     p.add_argument("--grid", metavar="FILE.png", help="write a PNG grid here")
     p.add_argument("--npz", metavar="FILE.npz", help="write the images and labels here")
     p.add_argument("--eval", action="store_true", help="then evaluate the samples (with their labels) as "
@@ -146,7 +148,8 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     kwargs = dict(n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, label=args.label, seed=args.seed,
                   batch=args.batch, guidance_scale=args.guidance, classifier=args.classifier,
-                  classifier_scale=args.classifier_scale, grid=args.grid, npz=args.npz, ema=args.ema,
+                  classifier_scale=args.classifier_scale, bf16=args.bf16, grid=args.grid, npz=args.npz,
+                  ema=args.ema,
                   checkpoint=args.checkpoint, progress=not args.quiet)
     given = [flag for flag, value in (("--ref", args.ref), ("--features", args.features),
                                       ("--inception-weights", args.inception_weights)) if value is not None]

@@ -431,6 +431,9 @@ class SampleConfig:
     classifier: str | None = None
     # classifier guidance scale s: mu + s*Sigma*grad log p(y|x_t) (ADM Alg. 1/2); 0 = off
     classifier_scale: float = 0.0
+    # run the network under bf16 autocast (CUDA, or CPUs with AMX / AVX512-BF16, where it draws 1.75x the
+    # images per second); the samplers' arithmetic stays float32
+    bf16: bool = False
     # sample from this EMA (null = the first of train.ema_rates)
     ema_rate: float | None = None
     # seeds the sampling noise

@@ -112,6 +112,7 @@ def draw_samples(
     guidance_scale: float | None = None,
     classifier=None,
     classifier_scale: float | None = None,
+    bf16: bool | None = None,
     distributed: bool = True,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,6 +125,7 @@ def draw_samples(
     ``guidance_scale`` w is classifier-free (a run trained with p_uncond > 0); ``classifier`` (a loaded
     noisy classifier, e.g. :func:`difflab.train.classifier.load_classifier`) with ``classifier_scale``
     s > 0 is ADM classifier guidance, checked against the model's schedule and image size.
+    ``bf16`` runs the networks under bf16 autocast (the samplers' arithmetic stays float32).
     With ``distributed`` and an initialised process group, the batches are split across ranks and
     every rank returns all ``n`` samples.
     """
@@ -133,6 +135,7 @@ def draw_samples(
     n = sc.n if n is None else n
     batch = sc.batch if batch is None else batch
     seed = sc.seed if seed is None else seed
+    bf16 = sc.bf16 if bf16 is None else bool(bf16)
     name = sc.sampler if sampler is None else sampler
     for what, value in (("n", n), ("batch", batch)):
         if value < 1:
@@ -165,7 +168,8 @@ def draw_samples(
         g = torch.Generator(device).manual_seed(_batch_seed(seed, k))
         x_T = torch.randn((hi - lo, *shape), generator=g, device=device)
         model_kwargs = {"y": labels[lo:hi].to(device)} if labels is not None else None
-        x = fn(denoiser, x_T, generator=g, model_kwargs=model_kwargs, progress=progress, **kwargs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = fn(denoiser, x_T, generator=g, model_kwargs=model_kwargs, progress=progress, **kwargs)
         mine.append((k, x.float().cpu()))
     return _gather(mine, n, shape, world), labels
 
@@ -215,6 +219,7 @@ def sample_run(
     guidance_scale: float | None = None,
     classifier=None,
     classifier_scale: float | None = None,
+    bf16: bool | None = None,
     grid=None,
     npz=None,
     ema: str | float | None = None,
@@ -228,7 +233,7 @@ def sample_run(
     :func:`difflab.eval.report.make_evaluator`) the metrics of the samples on every rank, else None.
 
     ``label`` (an index or ``"all"``), ``guidance_scale`` w, ``classifier`` (a classifier file or run
-    folder; default ``sample.classifier``) and ``classifier_scale`` s: see :func:`draw_samples`.
+    folder; default ``sample.classifier``), ``classifier_scale`` s and ``bf16``: see :func:`draw_samples`.
     Without ``grid`` and ``npz`` both are written to ``RUN/samples/<sampler>_<n>[_w<w>][_s<s>].{png,npz}``.
     """
     from pathlib import Path
@@ -259,7 +264,7 @@ def sample_run(
     cfg, _, denoiser = load_run(run_dir, ema=resolve_ema(cfg, ema), checkpoint=checkpoint, device=info.device)
     x, labels = draw_samples(denoiser, cfg, n=n, sampler=name, steps=steps, eta=eta, label=label, seed=seed,
                              batch=batch, guidance_scale=guidance_scale, classifier=classifier,
-                             classifier_scale=classifier_scale, progress=progress and info.rank == 0)
+                             classifier_scale=classifier_scale, bf16=bf16, progress=progress and info.rank == 0)
     images = to_uint8(x, cfg.data) if info.rank == 0 or evaluator is not None else None
     labels = labels.numpy() if labels is not None else None
     written = []

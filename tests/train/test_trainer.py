@@ -159,6 +159,16 @@ def test_bf16_autocast_on_cpu_tracks_float32(tmp_path):
     for which in ("model", "ema_0.99"):
         assert {v.dtype for v in weights(tmp_path / "bf16-true", which).values()} == {torch.float32}
 
+    # difflab sample --bf16: the same deterministic DDIM path from the same noise lands on nearly the same images
+    images = {}
+    for flag in ([], ["--bf16"]):
+        npz = tmp_path / f"s{len(flag)}.npz"
+        assert main(["sample", str(tmp_path / "bf16-true"), "--n", "8", "--sampler", "ddim", "--steps", "5",
+                     "--npz", str(npz), "--quiet", *flag]) == 0
+        images[len(flag)] = np.load(npz)["arr_0"].astype(np.int32)
+    diff = np.abs(images[1] - images[0])
+    assert diff.max() > 0 and diff.mean() < 0.5  # uint8 levels
+
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):

@@ -113,6 +113,26 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert torch.equal(gray.get_batch(range(6))[0], ImageFolderDataset(tmp_path, 8, channels=1).get_batch(range(6))[0])
 
 
+def test_image_folder_threads_decode_the_same_batches(tmp_path):
+    """num_workers threads decode each batch in parallel: the same tensors in the same order, for any indices."""
+    from skimage import data as photos
+
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera"):
+        img = getattr(photos, name)()
+        Image.fromarray(img).save(tmp_path / f"{name}.jpg", quality=90)
+        Image.fromarray(img[::2, ::-1]).save(tmp_path / f"{name}-half.png")
+    idx = np.random.default_rng(0).integers(0, 10, size=16)  # repeats and any order
+    plain = ImageFolderDataset(tmp_path, 32, channels=3, random_flip=True)
+    threaded = build_dataset(DataConfig(source="folder", path=str(tmp_path), image_size=32, channels=3,
+                                        random_flip=True, num_workers=2))
+    assert threaded.num_workers == 2 and plain.num_workers == 0
+    for epoch in (0, 1):
+        a, b = plain.get_batch(idx, epoch), threaded.get_batch(idx, epoch)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+        ImageFolderDataset(tmp_path, 32, num_workers=-1)
+
+
 def test_image_folder_resize_and_center_crop(tmp_path):
     arr = np.zeros((40, 100, 3), dtype=np.uint8)
     arr[:, 30:70] = 255  # a white centre band 40 wide in a 100-wide image

@@ -376,6 +376,8 @@ class ImageFolderDataset(_ImageDataset):
     (``channels=3``); ``channels=None`` infers it and rejects a folder mixing grey and colour files.
 
     Every file is decoded once here, so broken files are found now: see the module docstring.
+    Without ``cache`` every batch decodes its files again; ``num_workers`` > 0 threads decode them in
+    parallel (the same batch, in the same order).
     Attributes: ``files``, ``labels``, ``classes``, ``skipped`` (list of ``(path, reason)``).
     """
 
@@ -389,8 +391,13 @@ class ImageFolderDataset(_ImageDataset):
         flip_seed: int = 0,
         on_broken: Literal["skip", "raise"] = "skip",
         cache: bool = False,
+        num_workers: int = 0,
     ) -> None:
         super().__init__(image_size=int(image_size), random_flip=random_flip, flip_seed=flip_seed)
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        self.num_workers = num_workers
+        self._pool = None  # a ThreadPoolExecutor, made at the first batch that needs it
         if on_broken not in ("skip", "raise"):
             raise ValueError(f"on_broken must be 'skip' or 'raise', got {on_broken!r}")
         if channels not in (None, 1, 3):
@@ -469,10 +476,20 @@ class ImageFolderDataset(_ImageDataset):
     def _labels(self) -> np.ndarray:
         return self.labels
 
+    def _load(self, path: Path) -> np.ndarray:
+        return self._prepare(_decode(path))
+
     def _raw(self, indices: np.ndarray) -> torch.Tensor:
         if self._cache is not None:
             return torch.from_numpy(self._cache[indices])
-        return torch.from_numpy(np.stack([self._prepare(_decode(self.files[i])) for i in indices]))
+        paths = [self.files[i] for i in indices]
+        if self.num_workers == 0:
+            return torch.from_numpy(np.stack([self._load(p) for p in paths]))
+        if self._pool is None:  # threads: PIL releases the GIL while it decodes and resizes
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="difflab-decode")
+        return torch.from_numpy(np.stack(list(self._pool.map(self._load, paths))))
 
 
 def _names(paths: Sequence[Path], root: Path, k: int = 5) -> str:
@@ -515,6 +532,7 @@ def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
             flip_seed=seed,
             on_broken=cfg.on_broken,
             cache=cfg.cache,
+            num_workers=cfg.num_workers,
         )
         if cfg.class_cond and ds.num_classes is None:
             raise ValueError(

@@ -102,7 +102,8 @@ def load(run: str, var_type: str | None = None):
     if var_type is not None and var_type != den.parameterization.var_type:
         if "learned" in (var_type + den.parameterization.var_type):
             raise ValueError(f"{run}: cannot sample a {den.parameterization.var_type} model with {var_type}")
-        den = Denoiser(den.net, den.process, Parameterization(den.parameterization.mean_type, var_type))
+        den = Denoiser(den.net, den.process, Parameterization(den.parameterization.mean_type, var_type),
+                       time_scale=den.time_scale)
     return cfg, den
 
 

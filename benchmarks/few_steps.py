@@ -76,7 +76,7 @@ def diffusers_dpmpp_2m(denoiser, x_T: torch.Tensor, *, steps: int, model_kwargs=
     with torch.inference_mode():
         for i, t in enumerate(sched.timesteps):
             tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-            out = denoiser.net(x, process.original_t(tt), **(model_kwargs or {})).to(x.dtype)[:, :c]
+            out = denoiser.net(x, denoiser.network_t(tt), **(model_kwargs or {})).to(x.dtype)[:, :c]
             noise = None
             if sde:
                 noise = torch.zeros_like(x) if i == last else step_noise(x, generator)

@@ -98,6 +98,39 @@ def test_respacing_keeps_alpha_bar_and_composes():
     torch.testing.assert_close(subsub.alphas_cumprod, process.alphas_cumprod[subsub.timestep_map], rtol=1e-12, atol=0)
 
 
+def test_rescale_timesteps_feeds_the_network_scaled_original_steps():
+    """improved-diffusion's rescale_timesteps: the network sees timestep_map[t] * 1000 / T as float32, on the
+    process and on every respacing of it, and through a guidance wrapper; without it, the int64 indices."""
+    from difflab.build import build_denoiser
+    from difflab.config import Config
+    from difflab.guidance import classifier_free_denoiser
+
+    seen = []
+
+    def net(x_t, t, **cond):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    base = {"model": {"preset": "mnist-tiny", "image_size": 8, "in_channels": 1, "num_classes": 10,
+                      "class_null": True},
+            "diffusion": {"steps": 4000, "schedule": "cosine"}, "data": {"source": "digits", "image_size": 8,
+                                                                      "class_cond": True}}
+    x = torch.zeros(3, 1, 8, 8)
+    t = torch.tensor([0, 5, 9])
+    d = build_denoiser(Config(**{**base, "diffusion": {**base["diffusion"], "rescale_timesteps": True}}), net)
+    assert d.time_scale == 0.25
+    d(x, torch.tensor([0, 1999, 3999]))
+    assert seen[-1].dtype == torch.float32 and seen[-1].tolist() == [0.0, 499.75, 999.75]
+    sub = d.respace("ddim10")
+    sub(x, t)
+    assert seen[-1].tolist() == (sub.process.timestep_map[t].double() * 0.25).tolist()
+    classifier_free_denoiser(sub, 1.0, null_label=10, num_classes=10)(x, t, y=torch.tensor([1, 2, 3]))
+    assert seen[-1].tolist() == (sub.process.timestep_map[t].double() * 0.25).repeat(2).tolist()
+    plain = build_denoiser(Config(**base), net).respace("ddim10")
+    plain(x, t)
+    assert seen[-1].dtype == torch.int64 and torch.equal(seen[-1], plain.process.timestep_map[t])
+
+
 def test_fast27_is_glide_upsampler_schedule():
     steps = space_timesteps(1000, "fast27")
     assert len(steps) == 27 and 999 not in steps and 997 in steps

@@ -58,7 +58,9 @@ def build_model(cfg: Config) -> nn.Module:
 
 def build_denoiser(cfg: Config, net) -> Denoiser:
     """``net`` wrapped with the process and parameterisation of ``cfg.diffusion``."""
-    return Denoiser(net, build_process(cfg.diffusion), build_parameterization(cfg.diffusion))
+    d = cfg.diffusion
+    time_scale = 1000.0 / d.steps if d.rescale_timesteps else None
+    return Denoiser(net, build_process(d), build_parameterization(d), time_scale=time_scale)
 
 
 def build_timestep_sampler(cfg: Config) -> UniformSampler:

@@ -298,6 +298,9 @@ class DiffusionConfig:
     timestep_sampler: Literal["uniform", "loss_second_moment"] = "uniform"
     # hybrid: scale the VLB term by T/1000 (the official RESCALED_MSE, lambda = 0.001)
     rescale_learned_sigmas: bool = True
+    # feed the network t * 1000 / T as a float instead of the index t (improved-diffusion's default, which its
+    # unconditional 4000-step checkpoints were trained with; guided-diffusion and difflab runs do not)
+    rescale_timesteps: bool = False
     # classifier-free guidance: probability of dropping the class label in training
     p_uncond: float = 0.0
 

@@ -451,7 +451,7 @@ def classifier_free_denoiser(denoiser: Denoiser, guidance_scale: float, null_lab
                              *, num_classes: int | None = None) -> Denoiser:
     """``denoiser`` with its network wrapped in :class:`ClassifierFreeGuidance` (same process and parameterization)."""
     net = ClassifierFreeGuidance(denoiser.net, guidance_scale, null_label, num_classes=num_classes)
-    return Denoiser(net, denoiser.process, denoiser.parameterization)
+    return denoiser.with_net(net)
 
 
 def guided_denoiser(

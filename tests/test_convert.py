@@ -9,10 +9,13 @@ from safetensors.torch import load_file
 
 from difflab.cli import main
 from difflab.convert import (
+    OFFICIAL_DIFFUSION,
     check_flags,
     convert_checkpoint,
     load_converted,
     load_official_state_dict,
+    official_denoiser,
+    save_converted,
 )
 from difflab.nn.presets import RELEASED_FLAGS, build_network, config_from_official_kwargs, get_preset
 
@@ -149,3 +152,37 @@ def test_load_into_meta_model_assigns_weights(fixtures_dir):
     load_official_state_dict(model, sd)
     assert not any(p.is_meta for p in model.parameters())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("preset, steps, schedule, time_scale", [
+    ("guided-diffusion/64x64_diffusion", 1000, "cosine", None),
+    ("guided-diffusion/256x256_diffusion", 1000, "linear", None),
+    ("improved-diffusion/cifar10_uncond_50M_500K", 4000, "cosine", 0.25),
+    ("improved-diffusion/imagenet64_cond_270M_250K", 4000, "cosine", None),  # README: --rescale_timesteps False
+])
+def test_official_denoiser_takes_the_readme_diffusion_flags(tmp_path, preset, steps, schedule, time_scale):
+    """official_denoiser wraps a converted U-Net with the flags its preset was released with. (A tiny network
+    stands in for the real one: only the preset recorded in model.safetensors decides the flags.)"""
+    from difflab import Process
+
+    cfg = get_preset("mnist-tiny")
+    cfg = type(cfg)(**{**cfg.__dict__, "learn_sigma": True})
+    torch.manual_seed(0)
+    save_converted(build_network(cfg).state_dict(), cfg, tmp_path, metadata={"preset": preset})
+    d = official_denoiser(tmp_path)
+    assert d.num_timesteps == steps and d.time_scale == time_scale
+    assert torch.equal(d.process.betas, Process.named(schedule, steps).betas)
+    assert d.parameterization.mean_type == "eps" and d.parameterization.var_type == "learned_range"
+    assert not d.net.training
+
+
+def test_official_denoiser_unknown_preset_and_classifier(tmp_path, fixtures_dir):
+    cfg = get_preset("mnist-tiny")
+    save_converted(build_network(cfg).state_dict(), cfg, tmp_path / "tiny", metadata={"preset": "mnist-tiny"})
+    with pytest.raises(ValueError, match="from preset 'mnist-tiny'.*known: guided-diffusion/64x64_diffusion"):
+        official_denoiser(tmp_path / "tiny")
+    meta, sd = fixture(fixtures_dir, "guided_classifier")
+    save_converted(sd, config_from_official_kwargs(meta["class"], meta["kwargs"]), tmp_path / "clf")
+    with pytest.raises(ValueError, match="holds a classifier"):
+        official_denoiser(tmp_path / "clf")
+    assert set(OFFICIAL_DIFFUSION) <= set(RELEASED_FLAGS) | {"guided-diffusion/lsun_bedroom"}

@@ -49,6 +49,8 @@ __all__ = [
     "convert_checkpoint",
     "save_converted",
     "load_converted",
+    "OFFICIAL_DIFFUSION",
+    "official_denoiser",
 ]
 
 # Official key prefix -> difflab key prefix. improved-/guided-diffusion keys are difflab keys as they are;
@@ -56,6 +58,25 @@ __all__ = [
 KEY_RENAMES: dict[str, str] = {"transformer_proj.": "cond_proj."}
 
 _MAX_LISTED = 12
+
+# The diffusion flags each released U-Net was trained with (the official READMEs; a .pt holds weights only):
+# T, the beta schedule, and improved-diffusion's rescale_timesteps (its default, except where the README turns
+# it off). Every one of them learns the variance (learn_sigma) and predicts eps.
+_GUIDED_LINEAR = {"steps": 1000, "schedule": "linear", "rescale_timesteps": False}
+OFFICIAL_DIFFUSION: dict[str, dict[str, Any]] = {
+    "guided-diffusion/64x64_diffusion": {"steps": 1000, "schedule": "cosine", "rescale_timesteps": False},
+    "guided-diffusion/128x128_diffusion": _GUIDED_LINEAR,
+    "guided-diffusion/256x256_diffusion": _GUIDED_LINEAR,
+    "guided-diffusion/256x256_diffusion_uncond": _GUIDED_LINEAR,
+    "guided-diffusion/512x512_diffusion": _GUIDED_LINEAR,
+    "guided-diffusion/lsun_bedroom": _GUIDED_LINEAR,
+    "guided-diffusion/64_256_upsampler": _GUIDED_LINEAR,
+    "improved-diffusion/cifar10_uncond_50M_500K": {"steps": 4000, "schedule": "cosine", "rescale_timesteps": True},
+    "improved-diffusion/imagenet64_uncond_100M_1500K": {"steps": 4000, "schedule": "cosine",
+                                                        "rescale_timesteps": True},
+    "improved-diffusion/imagenet64_cond_270M_250K": {"steps": 4000, "schedule": "cosine",
+                                                     "rescale_timesteps": False},
+}
 
 
 def official_to_difflab_key(key: str) -> str:
@@ -285,3 +306,33 @@ def load_converted(out_dir: str | os.PathLike, device: str | torch.device = "cpu
     model = build_network(config)
     model.load_state_dict(load_file(str(w_path), device=str(device)), strict=True)
     return model.to(device)
+
+
+def official_denoiser(out_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A converted released U-Net as a ready :class:`~difflab.denoiser.Denoiser`, with the diffusion flags it
+    was trained with (:data:`OFFICIAL_DIFFUSION`, looked up by the preset recorded at conversion).
+
+    Returns ``Denoiser(net in eval mode, Process.named(schedule, T), Parameterization("eps", learned_range),
+    time_scale=1000 / T if rescale_timesteps)``. Raises ValueError for a classifier or a folder converted
+    without a known preset (wrap ``load_converted(out_dir)`` with the official flags by hand then).
+    """
+    from safetensors import safe_open
+
+    from difflab.denoiser import Denoiser
+    from difflab.prediction import Parameterization
+    from difflab.process import Process
+
+    out = Path(out_dir)
+    net = load_converted(out, device=device).eval()
+    if not isinstance(net.config, UNetConfig):
+        raise ValueError(f"{out} holds a classifier, not a diffusion U-Net: use it for classifier guidance")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        preset = (f.metadata() or {}).get("preset")
+    if preset not in OFFICIAL_DIFFUSION:
+        raise ValueError(f"{out} was converted {'from preset ' + repr(preset) if preset else 'without a preset'}, "
+                         f"whose diffusion flags are not known here; known: {', '.join(OFFICIAL_DIFFUSION)}")
+    flags = OFFICIAL_DIFFUSION[preset]
+    var_type = "learned_range" if net.config.learn_sigma else "fixed_large"
+    time_scale = 1000.0 / flags["steps"] if flags["rescale_timesteps"] else None
+    return Denoiser(net, Process.named(flags["schedule"], flags["steps"]), Parameterization("eps", var_type),
+                    time_scale=time_scale)

@@ -118,6 +118,17 @@ def test_cli_convert_with_preset(tmp_path, capsys):
     assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
 
 
+def test_cli_commands_on_a_converted_folder_say_what_it_is(tmp_path, capsys):
+    cfg = get_preset("mnist-tiny")
+    save_converted(build_network(cfg).state_dict(), cfg, tmp_path / "c", metadata={"preset": "mnist-tiny"})
+    folder = str(tmp_path / "c")
+    for cmd in (["sample", folder, "--n", "2"], ["nll", folder], ["info", folder]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a converted checkpoint (difflab convert)" in err
+        assert "official_denoiser" in err
+
+
 def test_cli_missing_file_exits_2(tmp_path, capsys):
     code = main(["convert", str(tmp_path / "nope.pt"), "--preset", "mnist-tiny", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err

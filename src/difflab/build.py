@@ -83,6 +83,9 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
         raise FileNotFoundError(f"run folder not found: {run}")
     if not (run / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{run} is not a difflab run folder: {CONFIG_NAME} is missing")
+    if (run / "model.safetensors").is_file():  # difflab convert's layout; runs keep weights in ckpt_*/
+        raise ValueError(f"{run} is a converted checkpoint (difflab convert), not a run folder: load it in Python "
+                         "with difflab.convert.official_denoiser or load_converted (docs/networks.md)")
     cfg = load_config(run / CONFIG_NAME)
     if not isinstance(cfg, Config):
         raise ValueError(f"{run} is a noisy-classifier run (task: classifier): guide a diffusion run with it, "

@@ -12,6 +12,7 @@ from difflab.convert import (
     OFFICIAL_DIFFUSION,
     check_flags,
     convert_checkpoint,
+    converted_run_config,
     load_converted,
     load_official_state_dict,
     official_denoiser,
@@ -118,15 +119,53 @@ def test_cli_convert_with_preset(tmp_path, capsys):
     assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
 
 
-def test_cli_commands_on_a_converted_folder_say_what_it_is(tmp_path, capsys):
+def _tiny_converted(folder, preset):
+    """A converted folder holding a tiny learned-variance U-Net recorded as ``preset`` (stands in for the real one:
+    only the recorded preset decides the diffusion flags)."""
     cfg = get_preset("mnist-tiny")
-    save_converted(build_network(cfg).state_dict(), cfg, tmp_path / "c", metadata={"preset": "mnist-tiny"})
-    folder = str(tmp_path / "c")
-    for cmd in (["sample", folder, "--n", "2"], ["nll", folder], ["info", folder]):
+    cfg = type(cfg)(**{**cfg.__dict__, "learn_sigma": True, "image_size": 8})
+    torch.manual_seed(0)
+    save_converted(build_network(cfg).state_dict(), cfg, folder, metadata={"preset": preset})
+    return cfg
+
+
+def test_cli_samples_a_converted_folder(tmp_path, capsys):
+    """difflab sample / info read a converted released network with its README's flags; nll needs data it has not."""
+    import numpy as np
+
+    folder = tmp_path / "c"
+    _tiny_converted(folder, "guided-diffusion/64x64_diffusion")
+    npz = tmp_path / "s.npz"
+    assert main(["sample", str(folder), "--n", "3", "--sampler", "ddim", "--steps", "4", "--npz", str(npz),
+                 "--quiet"]) == 0
+    images = np.load(npz)["arr_0"]
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+    # the same images as the Python path: official_denoiser and the sampler, from the CLI's noise
+    from difflab.generate import draw_samples
+
+    d = official_denoiser(folder)
+    x, _ = draw_samples(d, converted_run_config(folder), n=3, sampler="ddim", steps=4)
+    from difflab.images import to_uint8
+
+    assert np.array_equal(to_uint8(x, converted_run_config(folder).data), images)
+    capsys.readouterr()
+    assert main(["info", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["diffusion"].startswith("T=1000 cosine, predicts eps, variance learned_range")
+    assert info["checkpoints"] == [] and info["data"].startswith("none")
+    for cmd, message in ((["nll", str(folder)], "data.source is 'none'"),
+                         (["sample", str(folder), "--ema", "0.9999"], "no EMA at rate 0.9999"),
+                         (["sample", str(folder), "--checkpoint", "5"], "one set of weights")):
         assert main(cmd) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "is a converted checkpoint (difflab convert)" in err
-        assert "official_denoiser" in err
+        assert len(err.splitlines()) == 1 and message in err
+
+
+def test_cli_on_a_converted_folder_of_an_unknown_preset(tmp_path, capsys):
+    _tiny_converted(tmp_path / "u", "mnist-tiny")
+    assert main(["sample", str(tmp_path / "u"), "--n", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "from preset 'mnist-tiny'" in err and "known: guided-diffusion/" in err
 
 
 def test_cli_missing_file_exits_2(tmp_path, capsys):
@@ -165,25 +204,24 @@ def test_load_into_meta_model_assigns_weights(fixtures_dir):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
 
 
-@pytest.mark.parametrize("preset, steps, schedule, time_scale", [
-    ("guided-diffusion/64x64_diffusion", 1000, "cosine", None),
-    ("guided-diffusion/256x256_diffusion", 1000, "linear", None),
-    ("improved-diffusion/cifar10_uncond_50M_500K", 4000, "cosine", 0.25),
-    ("improved-diffusion/imagenet64_cond_270M_250K", 4000, "cosine", None),  # README: --rescale_timesteps False
+@pytest.mark.parametrize("preset, steps, schedule, time_scale, loss", [
+    ("guided-diffusion/64x64_diffusion", 1000, "cosine", None, "mse"),
+    ("guided-diffusion/256x256_diffusion", 1000, "linear", None, "mse"),
+    ("improved-diffusion/cifar10_uncond_50M_500K", 4000, "cosine", 0.25, "hybrid"),
+    ("improved-diffusion/imagenet64_cond_270M_250K", 4000, "cosine", None, "mse"),  # README: both rescales off
 ])
-def test_official_denoiser_takes_the_readme_diffusion_flags(tmp_path, preset, steps, schedule, time_scale):
-    """official_denoiser wraps a converted U-Net with the flags its preset was released with. (A tiny network
-    stands in for the real one: only the preset recorded in model.safetensors decides the flags.)"""
+def test_official_denoiser_takes_the_readme_diffusion_flags(tmp_path, preset, steps, schedule, time_scale, loss):
+    """official_denoiser wraps a converted U-Net with the flags its preset was released with: T, schedule,
+    rescale_timesteps (time_scale) and rescale_learned_sigmas (hybrid = RESCALED_MSE, else MSE + VB)."""
     from difflab import Process
+    from difflab.build import training_loss_type
 
-    cfg = get_preset("mnist-tiny")
-    cfg = type(cfg)(**{**cfg.__dict__, "learn_sigma": True})
-    torch.manual_seed(0)
-    save_converted(build_network(cfg).state_dict(), cfg, tmp_path, metadata={"preset": preset})
+    _tiny_converted(tmp_path, preset)
     d = official_denoiser(tmp_path)
     assert d.num_timesteps == steps and d.time_scale == time_scale
     assert torch.equal(d.process.betas, Process.named(schedule, steps).betas)
     assert d.parameterization.mean_type == "eps" and d.parameterization.var_type == "learned_range"
+    assert training_loss_type(converted_run_config(tmp_path).diffusion) == loss
     assert not d.net.training
 
 
@@ -194,6 +232,6 @@ def test_official_denoiser_unknown_preset_and_classifier(tmp_path, fixtures_dir)
         official_denoiser(tmp_path / "tiny")
     meta, sd = fixture(fixtures_dir, "guided_classifier")
     save_converted(sd, config_from_official_kwargs(meta["class"], meta["kwargs"]), tmp_path / "clf")
-    with pytest.raises(ValueError, match="holds a classifier"):
+    with pytest.raises(ValueError, match="holds a converted classifier"):
         official_denoiser(tmp_path / "clf")
     assert set(OFFICIAL_DIFFUSION) <= set(RELEASED_FLAGS) | {"guided-diffusion/lsun_bedroom"}

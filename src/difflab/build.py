@@ -83,9 +83,10 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
         raise FileNotFoundError(f"run folder not found: {run}")
     if not (run / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{run} is not a difflab run folder: {CONFIG_NAME} is missing")
-    if (run / "model.safetensors").is_file():  # difflab convert's layout; runs keep weights in ckpt_*/
-        raise ValueError(f"{run} is a converted checkpoint (difflab convert), not a run folder: load it in Python "
-                         "with difflab.convert.official_denoiser or load_converted (docs/networks.md)")
+    from difflab.convert import converted_run_config, is_converted_folder
+
+    if is_converted_folder(run):  # difflab convert's layout: a released network with its README's flags
+        return converted_run_config(run)
     cfg = load_config(run / CONFIG_NAME)
     if not isinstance(cfg, Config):
         raise ValueError(f"{run} is a noisy-classifier run (task: classifier): guide a diffusion run with it, "
@@ -126,7 +127,8 @@ def load_run(
     """Rebuild a trained run from its folder alone: ``(config, net in eval mode, denoiser)``.
 
     Args:
-        run_dir: the folder ``difflab train`` wrote (``config.yaml`` + ``ckpt_XXXXXXX/``).
+        run_dir: the folder ``difflab train`` wrote (``config.yaml`` + ``ckpt_XXXXXXX/``), or one ``difflab
+            convert`` wrote (see :func:`difflab.convert.converted_run_config`).
         ema: load the exponential moving average at this rate (one of ``train.ema_rates``);
             ``None`` loads the raw training weights. See :func:`default_ema_rate`.
         checkpoint: ``None`` = the latest complete checkpoint, a step number, or a checkpoint folder.
@@ -134,10 +136,16 @@ def load_run(
     Raises FileNotFoundError for a missing folder or checkpoint, ValueError for a corrupt checkpoint
     file, an EMA rate the run does not have, or weights that do not fit the configured network.
     """
+    from difflab.convert import is_converted_folder, load_converted
     from difflab.train.checkpoint import load_weights
     from difflab.train.ema import ema_name
 
     cfg = load_run_config(run_dir)
+    if is_converted_folder(run_dir):  # one set of weights, no checkpoints or EMAs
+        if checkpoint is not None or ema is not None:
+            raise ValueError(f"{run_dir} is a converted checkpoint with one set of weights: drop --checkpoint / --ema")
+        net = load_converted(run_dir, device=device).eval()
+        return cfg, net, build_denoiser(cfg, net)
     ckpt = find_checkpoint(run_dir, checkpoint)
     if ema is not None and float(ema) not in cfg.train.ema_rates:
         raise ValueError(f"the run has no EMA at rate {ema}; its rates: {list(cfg.train.ema_rates)}")

@@ -322,8 +322,8 @@ class DiffusionConfig:
 class DataConfig:
     """What to train on; see :func:`difflab.data.build_dataset`."""
 
-    # built-in MNIST-5k / sklearn digits, or files
-    source: Literal["mnist5k", "digits", "folder", "npz"] = "mnist5k"
+    # built-in MNIST-5k / sklearn digits, files, or none (a converted checkpoint: sampling only)
+    source: Literal["mnist5k", "digits", "folder", "npz", "none"] = "mnist5k"
     # image folder or .npz file (sources 'folder' and 'npz')
     path: str | None = None
     # side of the square training images; MNIST / digits / npz are padded up with -1

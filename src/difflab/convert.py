@@ -50,6 +50,8 @@ __all__ = [
     "save_converted",
     "load_converted",
     "OFFICIAL_DIFFUSION",
+    "is_converted_folder",
+    "converted_run_config",
     "official_denoiser",
 ]
 
@@ -60,22 +62,24 @@ KEY_RENAMES: dict[str, str] = {"transformer_proj.": "cond_proj."}
 _MAX_LISTED = 12
 
 # The diffusion flags each released U-Net was trained with (the official READMEs; a .pt holds weights only):
-# T, the beta schedule, and improved-diffusion's rescale_timesteps (its default, except where the README turns
-# it off). Every one of them learns the variance (learn_sigma) and predicts eps.
-_GUIDED_LINEAR = {"steps": 1000, "schedule": "linear", "rescale_timesteps": False}
+# T, the beta schedule, and rescale_timesteps / rescale_learned_sigmas (improved-diffusion's defaults are on,
+# guided-diffusion's off; the README of the class-conditional ImageNet-64 model turns both off). Every one of
+# them predicts eps and learns the variance (learn_sigma).
+_GUIDED = {"rescale_timesteps": False, "rescale_learned_sigmas": False}
+_GUIDED_LINEAR = {"steps": 1000, "schedule": "linear", **_GUIDED}
+_IMPROVED = {"steps": 4000, "schedule": "cosine", "rescale_timesteps": True, "rescale_learned_sigmas": True}
 OFFICIAL_DIFFUSION: dict[str, dict[str, Any]] = {
-    "guided-diffusion/64x64_diffusion": {"steps": 1000, "schedule": "cosine", "rescale_timesteps": False},
+    "guided-diffusion/64x64_diffusion": {"steps": 1000, "schedule": "cosine", **_GUIDED},
     "guided-diffusion/128x128_diffusion": _GUIDED_LINEAR,
     "guided-diffusion/256x256_diffusion": _GUIDED_LINEAR,
     "guided-diffusion/256x256_diffusion_uncond": _GUIDED_LINEAR,
     "guided-diffusion/512x512_diffusion": _GUIDED_LINEAR,
     "guided-diffusion/lsun_bedroom": _GUIDED_LINEAR,
     "guided-diffusion/64_256_upsampler": _GUIDED_LINEAR,
-    "improved-diffusion/cifar10_uncond_50M_500K": {"steps": 4000, "schedule": "cosine", "rescale_timesteps": True},
-    "improved-diffusion/imagenet64_uncond_100M_1500K": {"steps": 4000, "schedule": "cosine",
-                                                        "rescale_timesteps": True},
-    "improved-diffusion/imagenet64_cond_270M_250K": {"steps": 4000, "schedule": "cosine",
-                                                     "rescale_timesteps": False},
+    "improved-diffusion/cifar10_uncond_50M_500K": _IMPROVED,
+    "improved-diffusion/imagenet64_uncond_100M_1500K": _IMPROVED,
+    "improved-diffusion/imagenet64_cond_270M_250K": {**_IMPROVED, "rescale_timesteps": False,
+                                                     "rescale_learned_sigmas": False},
 }
 
 
@@ -308,31 +312,59 @@ def load_converted(out_dir: str | os.PathLike, device: str | torch.device = "cpu
     return model.to(device)
 
 
-def official_denoiser(out_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A converted released U-Net as a ready :class:`~difflab.denoiser.Denoiser`, with the diffusion flags it
-    was trained with (:data:`OFFICIAL_DIFFUSION`, looked up by the preset recorded at conversion).
+def is_converted_folder(folder: str | os.PathLike) -> bool:
+    """True for a folder ``difflab convert`` wrote (``model.safetensors`` beside ``config.yaml``; runs keep
+    their weights in ``ckpt_*/``)."""
+    return (Path(folder) / "model.safetensors").is_file()
 
-    Returns ``Denoiser(net in eval mode, Process.named(schedule, T), Parameterization("eps", learned_range),
-    time_scale=1000 / T if rescale_timesteps)``. Raises ValueError for a classifier or a folder converted
-    without a known preset (wrap ``load_converted(out_dir)`` with the official flags by hand then).
+
+def converted_run_config(folder: str | os.PathLike):
+    """The run config under which ``difflab sample`` / ``nll`` / ``info`` use a converted released U-Net:
+    its network, the diffusion flags of its README (:data:`OFFICIAL_DIFFUSION`, found by the preset recorded
+    at conversion), ``data.source: none`` at the network's image size, and no EMA (the file's weights).
+
+    Raises ValueError for a classifier, a folder converted without a known preset, or a network without
+    an ``image_size``; FileNotFoundError for a missing file.
     """
     from safetensors import safe_open
 
-    from difflab.denoiser import Denoiser
-    from difflab.prediction import Parameterization
-    from difflab.process import Process
+    from difflab.config import Config, DataConfig, DiffusionConfig, TrainConfig
 
-    out = Path(out_dir)
-    net = load_converted(out, device=device).eval()
-    if not isinstance(net.config, UNetConfig):
-        raise ValueError(f"{out} holds a classifier, not a diffusion U-Net: use it for classifier guidance")
+    out = Path(folder)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"not a difflab checkpoint folder, {name} missing: {out}")
+    d = yaml.safe_load((out / "config.yaml").read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"{out / 'config.yaml'} is not a mapping of config fields")
+    if "pool" in d:
+        raise ValueError(f"{out} holds a converted classifier, not a diffusion U-Net: use it for classifier guidance")
+    net = from_dict(UNetConfig, d)
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         preset = (f.metadata() or {}).get("preset")
     if preset not in OFFICIAL_DIFFUSION:
         raise ValueError(f"{out} was converted {'from preset ' + repr(preset) if preset else 'without a preset'}, "
-                         f"whose diffusion flags are not known here; known: {', '.join(OFFICIAL_DIFFUSION)}")
+                         f"whose diffusion flags are not known here; known: {', '.join(OFFICIAL_DIFFUSION)} "
+                         "(or wrap load_converted(folder) in a Denoiser with the official flags)")
+    if net.image_size is None:
+        raise ValueError(f"{out}: the network config has no image_size to sample at")
     flags = OFFICIAL_DIFFUSION[preset]
-    var_type = "learned_range" if net.config.learn_sigma else "fixed_large"
-    time_scale = 1000.0 / flags["steps"] if flags["rescale_timesteps"] else None
-    return Denoiser(net, Process.named(flags["schedule"], flags["steps"]), Parameterization("eps", var_type),
-                    time_scale=time_scale)
+    diffusion = DiffusionConfig(
+        steps=flags["steps"], schedule=flags["schedule"], mean_type="eps",
+        var_type="learned_range" if net.learn_sigma else "fixed_large",
+        loss_type="hybrid" if net.learn_sigma else "mse", rescale_timesteps=flags["rescale_timesteps"],
+        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
+    )
+    data = DataConfig(source="none", image_size=net.image_size, channels=net.in_channels,
+                      class_cond=net.num_classes is not None)
+    return Config(model=net, diffusion=diffusion, data=data, train=TrainConfig(ema_rates=()))
+
+
+def official_denoiser(out_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A converted released U-Net as a ready :class:`~difflab.denoiser.Denoiser` with the diffusion flags it
+    was trained with (:func:`converted_run_config`): ``Denoiser(net in eval mode, Process.named(schedule, T),
+    Parameterization("eps", learned_range), time_scale=1000 / T if rescale_timesteps)``."""
+    from difflab.build import build_denoiser
+
+    cfg = converted_run_config(out_dir)
+    return build_denoiser(cfg, load_converted(out_dir, device=device).eval())

@@ -539,6 +539,9 @@ def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
                 f"data.class_cond is true but the image folder {cfg.path} has no class subfolders"
             )
         return ds
+    elif cfg.source == "none":
+        raise ValueError("data.source is 'none' (a converted checkpoint: no images to train on or score against); "
+                         "set data.source to mnist5k, digits, folder or npz")
     else:
         raise ValueError(f"unknown data.source {cfg.source!r}; valid: 'mnist5k', 'digits', 'folder', 'npz'")
 

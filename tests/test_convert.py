@@ -161,6 +161,42 @@ def test_cli_samples_a_converted_folder(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and message in err
 
 
+def test_converted_classifier_guides_a_converted_unet(tmp_path, capsys):
+    """A released classifier from difflab convert carries the noise levels of the model it was released with
+    (64x64: cosine, T = 1000), so it guides the converted 64x64 U-Net from the CLI, and a linear-schedule one
+    (the 128x128 classifier) is refused by the guidance check."""
+    import numpy as np
+
+    from difflab.nn.classifier import ClassifierConfig
+    from difflab.train.classifier import load_classifier
+
+    _tiny_converted(tmp_path / "unet", "guided-diffusion/64x64_diffusion")
+    clf_cfg = ClassifierConfig(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                               attention_resolutions=(), num_groups=8, pool="adaptive", image_size=8, out_channels=10)
+    torch.manual_seed(1)
+    for name, size in (("clf64", "64x64"), ("clf128", "128x128")):
+        preset = f"guided-diffusion/{size}_classifier"
+        save_converted(build_network(clf_cfg).state_dict(), clf_cfg, tmp_path / name, metadata={"preset": preset})
+    clf = load_classifier(tmp_path / "clf64")
+    info = clf.diffusion_info
+    assert not clf.training and info.num_classes == 10 and info.image_size == 8 and info.schedule == "cosine/1000"
+    from difflab import Process
+
+    assert torch.allclose(torch.tensor(info.alphas_cumprod, dtype=torch.float64),
+                          Process.named("cosine", 1000).alphas_cumprod, rtol=0, atol=0)
+    npz = tmp_path / "g.npz"
+    base = ["sample", str(tmp_path / "unet"), "--n", "2", "--steps", "3", "--quiet", "--label", "4",
+            "--classifier-scale", "1"]
+    assert main([*base, "--classifier", str(tmp_path / "clf64"), "--npz", str(npz)]) == 0
+    assert np.load(npz)["arr_1"].tolist() == [4, 4]
+    capsys.readouterr()
+    assert main([*base, "--classifier", str(tmp_path / "clf128")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "linear/1000" in err
+    with pytest.raises(ValueError, match="holds a converted diffusion U-Net, not a classifier"):
+        load_classifier(tmp_path / "unet")
+
+
 def test_cli_on_a_converted_folder_of_an_unknown_preset(tmp_path, capsys):
     _tiny_converted(tmp_path / "u", "mnist-tiny")
     assert main(["sample", str(tmp_path / "u"), "--n", "2"]) == 2

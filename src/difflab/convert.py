@@ -50,7 +50,9 @@ __all__ = [
     "save_converted",
     "load_converted",
     "OFFICIAL_DIFFUSION",
+    "OFFICIAL_CLASSIFIER_DIFFUSION",
     "is_converted_folder",
+    "converted_classifier",
     "converted_run_config",
     "official_denoiser",
 ]
@@ -80,6 +82,14 @@ OFFICIAL_DIFFUSION: dict[str, dict[str, Any]] = {
     "improved-diffusion/imagenet64_uncond_100M_1500K": _IMPROVED,
     "improved-diffusion/imagenet64_cond_270M_250K": {**_IMPROVED, "rescale_timesteps": False,
                                                      "rescale_learned_sigmas": False},
+}
+# The released noisy classifiers guide the diffusion model of the same size (guided-diffusion's README pairs
+# each classifier with it), so they see that model's noise levels: T = 1000, cosine at 64x64, linear otherwise.
+OFFICIAL_CLASSIFIER_DIFFUSION: dict[str, dict[str, Any]] = {
+    "guided-diffusion/64x64_classifier": {"steps": 1000, "schedule": "cosine"},
+    "guided-diffusion/128x128_classifier": {"steps": 1000, "schedule": "linear"},
+    "guided-diffusion/256x256_classifier": {"steps": 1000, "schedule": "linear"},
+    "guided-diffusion/512x512_classifier": {"steps": 1000, "schedule": "linear"},
 }
 
 
@@ -318,6 +328,39 @@ def is_converted_folder(folder: str | os.PathLike) -> bool:
     return (Path(folder) / "model.safetensors").is_file()
 
 
+def _converted_preset(out: Path) -> str | None:
+    """The preset recorded in a converted folder's ``model.safetensors`` (None if converted from a config)."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        return (f.metadata() or {}).get("preset")
+
+
+def _unknown_preset(out: Path, preset: str | None, known) -> ValueError:
+    return ValueError(f"{out} was converted {'from preset ' + repr(preset) if preset else 'without a preset'}, "
+                      f"whose diffusion flags are not known here; known: {', '.join(known)}")
+
+
+def converted_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A converted released noisy classifier in eval mode, with the ``diffusion_info`` of the model it was
+    released to guide (:data:`OFFICIAL_CLASSIFIER_DIFFUSION`), so that guidance checks it like a trained one."""
+    from difflab.guidance import ClassifierInfo
+    from difflab.process import Process
+
+    out = Path(folder)
+    clf = load_converted(out, device=device).eval()
+    if not isinstance(clf.config, ClassifierConfig):
+        raise ValueError(f"{out} holds a converted diffusion U-Net, not a classifier")
+    preset = _converted_preset(out)
+    if preset not in OFFICIAL_CLASSIFIER_DIFFUSION:
+        raise _unknown_preset(out, preset, OFFICIAL_CLASSIFIER_DIFFUSION)
+    flags = OFFICIAL_CLASSIFIER_DIFFUSION[preset]
+    process = Process.named(flags["schedule"], flags["steps"])
+    clf.diffusion_info = ClassifierInfo.from_process(process, clf.config.image_size, clf.config.out_channels,
+                                                     schedule=f"{flags['schedule']}/{flags['steps']}")
+    return clf
+
+
 def converted_run_config(folder: str | os.PathLike):
     """The run config under which ``difflab sample`` / ``nll`` / ``info`` use a converted released U-Net:
     its network, the diffusion flags of its README (:data:`OFFICIAL_DIFFUSION`, found by the preset recorded
@@ -326,8 +369,6 @@ def converted_run_config(folder: str | os.PathLike):
     Raises ValueError for a classifier, a folder converted without a known preset, or a network without
     an ``image_size``; FileNotFoundError for a missing file.
     """
-    from safetensors import safe_open
-
     from difflab.config import Config, DataConfig, DiffusionConfig, TrainConfig
 
     out = Path(folder)
@@ -338,14 +379,12 @@ def converted_run_config(folder: str | os.PathLike):
     if not isinstance(d, dict):
         raise ValueError(f"{out / 'config.yaml'} is not a mapping of config fields")
     if "pool" in d:
-        raise ValueError(f"{out} holds a converted classifier, not a diffusion U-Net: use it for classifier guidance")
+        raise ValueError(f"{out} holds a converted classifier, not a diffusion U-Net: guide with it "
+                         "(difflab sample RUN --classifier FOLDER --classifier-scale S)")
     net = from_dict(UNetConfig, d)
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        preset = (f.metadata() or {}).get("preset")
+    preset = _converted_preset(out)
     if preset not in OFFICIAL_DIFFUSION:
-        raise ValueError(f"{out} was converted {'from preset ' + repr(preset) if preset else 'without a preset'}, "
-                         f"whose diffusion flags are not known here; known: {', '.join(OFFICIAL_DIFFUSION)} "
-                         "(or wrap load_converted(folder) in a Denoiser with the official flags)")
+        raise _unknown_preset(out, preset, OFFICIAL_DIFFUSION)
     if net.image_size is None:
         raise ValueError(f"{out}: the network config has no image_size to sample at")
     flags = OFFICIAL_DIFFUSION[preset]

@@ -224,11 +224,15 @@ CLASSIFIER_FILE = "classifier.safetensors"
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """A :class:`~difflab.nn.classifier.Classifier` from :func:`save_classifier`'s file (or a classifier
-    run folder of ``difflab train``, holding ``classifier.safetensors``), with its ``diffusion_info``
+    run folder of ``difflab train``, holding ``classifier.safetensors``, or a released classifier that
+    ``difflab convert`` wrote: :func:`difflab.convert.converted_classifier`), with its ``diffusion_info``
     set, in eval mode."""
     from difflab.config import from_dict
+    from difflab.convert import converted_classifier, is_converted_folder
     from difflab.nn.classifier import Classifier, ClassifierConfig
 
+    if os.path.isdir(path) and is_converted_folder(path):  # a released classifier, from difflab convert
+        return converted_classifier(path, device)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, CLASSIFIER_FILE)):
             raise ValueError(f"{path} is not a classifier run folder: {CLASSIFIER_FILE} is missing")

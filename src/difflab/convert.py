@@ -49,6 +49,7 @@ __all__ = [
     "convert_checkpoint",
     "save_converted",
     "load_converted",
+    "converted_network_config",
     "OFFICIAL_DIFFUSION",
     "OFFICIAL_CLASSIFIER_DIFFUSION",
     "is_converted_folder",
@@ -306,19 +307,23 @@ def convert_checkpoint(
     return save_converted(mapped, config, out_dir, metadata=meta)
 
 
-def load_converted(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the network of a difflab checkpoint folder and load its ``model.safetensors`` (strict)."""
+def converted_network_config(out_dir: str | os.PathLike) -> UNetConfig | ClassifierConfig:
+    """The network config of a difflab checkpoint folder (its ``config.yaml``; ``model.safetensors`` must be there)."""
     out = Path(out_dir)
-    cfg_path, w_path = out / "config.yaml", out / "model.safetensors"
-    for p in (cfg_path, w_path):
+    cfg_path = out / "config.yaml"
+    for p in (cfg_path, out / "model.safetensors"):
         if not p.is_file():
             raise FileNotFoundError(f"not a difflab checkpoint folder, {p.name} missing: {out}")
     d = yaml.safe_load(cfg_path.read_text())
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_path} is not a mapping of config fields")
-    config = from_dict(ClassifierConfig if "pool" in d else UNetConfig, d)
-    model = build_network(config)
-    model.load_state_dict(load_file(str(w_path), device=str(device)), strict=True)
+    return from_dict(ClassifierConfig if "pool" in d else UNetConfig, d)
+
+
+def load_converted(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the network of a difflab checkpoint folder and load its ``model.safetensors`` (strict)."""
+    model = build_network(converted_network_config(out_dir))
+    model.load_state_dict(load_file(str(Path(out_dir) / "model.safetensors"), device=str(device)), strict=True)
     return model.to(device)
 
 
@@ -372,16 +377,10 @@ def converted_run_config(folder: str | os.PathLike):
     from difflab.config import Config, DataConfig, DiffusionConfig, TrainConfig
 
     out = Path(folder)
-    for name in ("config.yaml", "model.safetensors"):
-        if not (out / name).is_file():
-            raise FileNotFoundError(f"not a difflab checkpoint folder, {name} missing: {out}")
-    d = yaml.safe_load((out / "config.yaml").read_text())
-    if not isinstance(d, dict):
-        raise ValueError(f"{out / 'config.yaml'} is not a mapping of config fields")
-    if "pool" in d:
+    net = converted_network_config(out)
+    if isinstance(net, ClassifierConfig):
         raise ValueError(f"{out} holds a converted classifier, not a diffusion U-Net: guide with it "
                          "(difflab sample RUN --classifier FOLDER --classifier-scale S)")
-    net = from_dict(UNetConfig, d)
     preset = _converted_preset(out)
     if preset not in OFFICIAL_DIFFUSION:
         raise _unknown_preset(out, preset, OFFICIAL_DIFFUSION)

@@ -232,21 +232,27 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-def _heads_last(t: torch.Tensor, n_heads: int, parts: int, legacy_order: bool) -> tuple[torch.Tensor, ...]:
-    """Split a fused [N, parts * H * C, L] tensor into ``parts`` tensors [N, H, L, C] with unit stride along C.
+def _split_heads(t: torch.Tensor, n_heads: int, parts: int, legacy_order: bool) -> tuple[torch.Tensor, ...]:
+    """Views of a fused [N, parts * H * C, L] tensor: ``parts`` tensors [N, H, C, L].
 
-    One copy (to [N, L, parts * H * C]); the unit channel stride is what SDPA's flash and memory-efficient
-    kernels require (otherwise it falls back to its float32 math kernel). Channel layouts as in
-    :func:`qkv_attention` (legacy: heads, then parts; new: parts, then heads).
+    The channel layouts of the official code: legacy (heads, then parts: head h owns channels
+    h*parts*C .. (h+1)*parts*C) or new (parts, then heads).
     """
     n, width, length = t.shape
     ch = width // (parts * n_heads)
-    t = t.transpose(1, 2).contiguous()  # [N, L, width]
     if legacy_order:
-        t = t.reshape(n, length, n_heads, parts, ch).permute(3, 0, 2, 1, 4)  # [parts, N, H, L, C]
-    else:
-        t = t.reshape(n, length, parts, n_heads, ch).permute(2, 0, 3, 1, 4)
-    return t.unbind(0)
+        return t.reshape(n, n_heads, parts, ch, length).unbind(2)
+    return t.reshape(n, parts, n_heads, ch, length).unbind(1)
+
+
+def _heads_last(t: torch.Tensor, n_heads: int, parts: int, legacy_order: bool) -> tuple[torch.Tensor, ...]:
+    """:func:`_split_heads` as [N, H, L, C] tensors with unit stride along C.
+
+    One copy (channels last in memory); the unit channel stride is what SDPA's flash and memory-efficient
+    kernels require (otherwise it falls back to its float32 math kernel).
+    """
+    channels_last = t.transpose(1, 2).contiguous().transpose(1, 2)  # same values, stride 1 along channels
+    return tuple(p.transpose(-1, -2) for p in _split_heads(channels_last, n_heads, parts, legacy_order))
 
 
 def qkv_attention(
@@ -277,10 +283,7 @@ def qkv_attention(
         # CPU: two matmuls straight on the channel-first [N, H, C, L] views (BLAS takes the transposes as
         # flags) are 20-40% faster for training than SDPA, whose fused CPU kernels need stride-1 channels
         # (a copy in and out) and whose math fallback adds masked-softmax checks (benchmarks/throughput.py).
-        if legacy_order:
-            q, k, v = qkv.reshape(n, n_heads, 3, ch, length).unbind(2)
-        else:
-            q, k, v = qkv.reshape(n, 3, n_heads, ch, length).unbind(1)
+        q, k, v = _split_heads(qkv, n_heads, 3, legacy_order)  # [N, H, C, L] each
         scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / math.sqrt(ch))  # [N, H, L_q, L_k]
         # The official code takes the softmax of scores.float() and casts back. The CPU softmax kernel already
         # accumulates bf16 / fp16 in float32 and rounds once, so its output is bit-identical without the two

@@ -1,4 +1,4 @@
-"""Datasets: MNIST-5k, sklearn digits, image folders and ``.npz`` files.
+"""Map-style image datasets: MNIST-5k, sklearn digits, image folders and ``.npz`` files.
 
 Every dataset here yields ``(x, label)`` with ``x`` a float32 tensor ``[C, H, W]`` in [-1, 1] and
 ``label`` an int64 scalar tensor (0 where the data has no labels; see ``num_classes``).
@@ -24,14 +24,14 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:
-    from difflab.config import DataConfig
+    pass
 
 Split = Literal["train", "test", "all"]
 
@@ -252,6 +252,13 @@ class _ImageDataset(torch.utils.data.Dataset):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = pad_to(x, self.image_size)
         return x, torch.from_numpy(self._labels()[idx].copy())
+
+    def get_items(self, indices: Sequence[int] | np.ndarray, epoch: int | None = None) -> dict[str, Any]:
+        """The batch as a dict, what the trainer's tasks read: ``x0`` [B, C, S, S] in [-1, 1] and, for
+        labelled data, ``y`` [B] int64. Captioned / paired datasets add their keys (``caption``: list of
+        B str, ``low_res``: [B, C, s, s]); see :mod:`difflab.data.sources`."""
+        x, y = self.get_batch(indices, epoch)
+        return {"x0": x, "y": y} if self.num_classes is not None else {"x0": x}
 
     def __getitem__(self, i: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Item ``i``, or ``(epoch, i)``: item i with that epoch's flip (what
@@ -495,81 +502,3 @@ class ImageFolderDataset(_ImageDataset):
 def _names(paths: Sequence[Path], root: Path, k: int = 5) -> str:
     shown = ", ".join(str(p.relative_to(root)) for p in paths[:k])
     return shown + (f" and {len(paths) - k} more" if len(paths) > k else "")
-
-
-# ----------------------------------------------------------------------------- from a config
-
-
-def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
-    """The dataset a :class:`difflab.config.DataConfig` describes.
-
-    ``seed`` drives the random flips (pass the training seed). Checks that the data fits the
-    config: ``channels`` (when set) must match, ``class_cond`` needs labels, MNIST / digits / npz
-    images are padded up to ``image_size`` (never shrunk).
-    """
-    split = cfg.split
-    if cfg.source in ("mnist5k", "digits"):
-        split = split or "train"
-        images, labels = load_mnist5k(split) if cfg.source == "mnist5k" else load_digits8(split)
-        num_classes = 10
-        native_channels = 1
-    elif cfg.source == "npz":
-        _whole_set_split(cfg)
-        if not cfg.path:
-            raise ValueError("data.path must name an .npz file for source 'npz'")
-        images, labels = load_npz(cfg.path)
-        num_classes = None
-        native_channels = images.shape[-1]
-    elif cfg.source == "folder":
-        _whole_set_split(cfg)
-        if not cfg.path:
-            raise ValueError("data.path must name an image folder for source 'folder'")
-        ds = ImageFolderDataset(
-            cfg.path,
-            cfg.image_size,
-            channels=cfg.channels,
-            random_flip=cfg.random_flip,
-            flip_seed=seed,
-            on_broken=cfg.on_broken,
-            cache=cfg.cache,
-            num_workers=cfg.num_workers,
-        )
-        if cfg.class_cond and ds.num_classes is None:
-            raise ValueError(
-                f"data.class_cond is true but the image folder {cfg.path} has no class subfolders"
-            )
-        return ds
-    elif cfg.source == "none":
-        raise ValueError("data.source is 'none' (a converted checkpoint: no images to train on or score against); "
-                         "set data.source to mnist5k, digits, folder or npz")
-    else:
-        raise ValueError(f"unknown data.source {cfg.source!r}; valid: 'mnist5k', 'digits', 'folder', 'npz'")
-
-    if cfg.channels is not None and cfg.channels != native_channels:
-        raise ValueError(
-            f"data.channels={cfg.channels} but the {cfg.source} images have {native_channels} channel(s)"
-        )
-    if cfg.class_cond and labels is None:
-        raise ValueError(f"data.class_cond is true but {cfg.path} has no arr_1 labels")
-    h, w = images.shape[1:3]
-    if cfg.image_size < max(h, w):
-        raise ValueError(
-            f"data.image_size={cfg.image_size} is smaller than the {cfg.source} images ({h}x{w}); "
-            f"use image_size >= {max(h, w)} (extra border is padded with the background -1)"
-        )
-    return ArrayImageDataset(
-        images,
-        labels,
-        image_size=cfg.image_size,
-        num_classes=num_classes,
-        random_flip=cfg.random_flip,
-        flip_seed=seed,
-    )
-
-
-def _whole_set_split(cfg: DataConfig) -> None:
-    if cfg.split not in (None, "all"):
-        raise ValueError(
-            f"data.split={cfg.split!r} does not apply to source {cfg.source!r}: a folder or .npz is one set; "
-            "point data.path at the split you want and leave data.split unset (or 'all')"
-        )

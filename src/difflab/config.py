@@ -322,10 +322,22 @@ class DiffusionConfig:
 class DataConfig:
     """What to train on; see :func:`difflab.data.build_dataset`."""
 
-    # built-in MNIST-5k / sklearn digits, files, or none (a converted checkpoint: sampling only)
-    source: Literal["mnist5k", "digits", "folder", "npz", "none"] = "mnist5k"
-    # image folder or .npz file (sources 'folder' and 'npz')
+    # built-in MNIST-5k / sklearn digits / captioned MNIST scenes, files (an image folder, an .npz, a JSONL
+    # manifest, webdataset tar shards), or none (a converted checkpoint: sampling only)
+    source: Literal["mnist5k", "digits", "scenes", "folder", "npz", "manifest", "webdataset", "none"] = "mnist5k"
+    # image folder, .npz file, manifest .jsonl, or webdataset shards (a folder of .tar or a brace pattern)
     path: str | None = None
+    # folder: read the caption sidecar x.txt of every image x.png (each batch then carries 'caption')
+    captions: bool = False
+    # scenes: the seed of the scene draws (BENCHMARKS.md: a scene is a function of (split, seed, index))
+    scene_seed: int = 0
+    # scenes: how many scenes the split holds (null = 1,000 for test, the reference set; 20,000 for train)
+    num_scenes: int | None = None
+    # super-resolution pairs: each batch also carries 'low_res', x0 area-downsampled to this side
+    low_res_size: int | None = None
+    # random crops of image_size from larger images (reproducible from (seed, epoch, index)) instead of
+    # the centre crop: super-resolution training on patches
+    random_crop: bool = False
     # side of the square training images; MNIST / digits / npz are padded up with -1
     image_size: int = 32
     # 1 or 3; null = from the data (a folder mixing grey and colour is an error)
@@ -349,7 +361,10 @@ class DataConfig:
         _require(self, self.image_size >= 1, "image_size", "must be >= 1")
         _require(self, self.channels in (None, 1, 3), "channels", "must be 1, 3 or null")
         _require(self, self.num_workers >= 0, "num_workers", "must be >= 0")
-        if self.source in ("folder", "npz") and not self.path:
+        _require(self, self.low_res_size is None or 1 <= self.low_res_size < self.image_size, "low_res_size",
+                 f"must be null or in [1, image_size={self.image_size})")
+        _require(self, self.num_scenes is None or self.num_scenes >= 1, "num_scenes", "must be null or >= 1")
+        if self.source in ("folder", "npz", "manifest", "webdataset") and not self.path:
             raise ConfigError(("path",), f"source '{self.source}' needs a path")
 
 

@@ -76,8 +76,9 @@ def default_ema_rate(cfg: Config) -> float | None:
     return cfg.train.ema_rates[0] if cfg.train.ema_rates else None
 
 
-def load_run_config(run_dir: str | os.PathLike) -> Config:
-    """The resolved config a run folder was trained with (``RUN/config.yaml``)."""
+def load_run_config(run_dir: str | os.PathLike, *, any_task: bool = False) -> Config:
+    """The resolved config a run folder was trained with (``RUN/config.yaml``): a diffusion
+    :class:`Config`, or with ``any_task`` the config of any training task (a noisy classifier's too)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder not found: {run}")
@@ -88,7 +89,7 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
     if is_converted_folder(run):  # difflab convert's layout: a released network with its README's flags
         return converted_run_config(run)
     cfg = load_config(run / CONFIG_NAME)
-    if not isinstance(cfg, Config):
+    if not isinstance(cfg, Config) and not any_task:
         raise ValueError(f"{run} is a noisy-classifier run (task: classifier): guide a diffusion run with it, "
                          f"e.g. difflab sample RUN --classifier {run} --classifier-scale S")
     return cfg

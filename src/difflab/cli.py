@@ -74,23 +74,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from difflab.train.classifier_trainer import classifier_config_of, run_classifier_command
     from difflab.train.distributed import is_main
-    from difflab.train.trainer import TrainingDiverged, resolve_train_config, train
+    from difflab.train.trainer import Trainer, TrainingDiverged, check_limits, resolve_train_config
 
-    if classifier_config_of(args.config, args.resume):  # task: classifier -> a noisy classifier (ADM Sec. 4)
-        return run_classifier_command(args.config, args.overrides, out=args.out, resume=args.resume,
-                                      max_steps=args.max_steps, max_minutes=args.max_minutes, quiet=args.quiet)
     cfg, run_dir = resolve_train_config(args.config, args.overrides, out=args.out, resume=args.resume,
                                         max_steps=args.max_steps)
+    check_limits(None, args.max_minutes)  # before the run folder is touched
     try:
-        result = train(cfg, run_dir, resume=args.resume is not None, max_minutes=args.max_minutes, quiet=args.quiet)
+        trainer = Trainer(cfg, run_dir, resume=args.resume is not None, quiet=args.quiet)
+        result = trainer.train(max_minutes=args.max_minutes)
     except TrainingDiverged as e:
         if is_main():
             print(f"difflab: error: training diverged: {e}; stopped without saving that state "
                   f"(the last good checkpoint in {run_dir} is untouched)", file=sys.stderr)
         return 1
     if is_main():
+        if trainer.report is not None:  # a noisy classifier: accuracy per noise level on the held-out split
+            from difflab.train.tasks.classifier import format_accuracy
+
+            print(format_accuracy(trainer.report))
         print(f"step {result.step} ({result.stopped}, {result.seconds / 60:.1f} min); run folder: {run_dir}")
     return 0
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import yaml
 
 if TYPE_CHECKING:
+    from difflab.nn.classifier import ClassifierConfig
     from difflab.nn.unet import UNetConfig
 
 
@@ -59,22 +60,19 @@ class ConfigError(ValueError):
 _UNION_TYPES = (Union, types.UnionType)
 
 
-def _resolve_unet_config() -> type:
-    """``difflab.nn.unet.UNetConfig`` if it exists yet, else a plain mapping (the model section kept raw)."""
-    try:
-        from difflab.nn.unet import UNetConfig
-    except ImportError:
-        return dict[str, Any]
-    return UNetConfig
-
-
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    """Resolved type hints of a dataclass (string annotations included)."""
+    """Resolved type hints of a dataclass (string annotations included). The network configs are
+    imported here, not at module level: :mod:`difflab.nn` needs no config, and config needs nn only
+    to read a file (so there is no import circle)."""
     import sys
 
+    from difflab.nn.classifier import ClassifierConfig
+    from difflab.nn.unet import UNetConfig
+
     ns = dict(vars(sys.modules[cls.__module__]))
-    ns.setdefault("UNetConfig", _resolve_unet_config())
+    ns.setdefault("UNetConfig", UNetConfig)
+    ns.setdefault("ClassifierConfig", ClassifierConfig)
     return typing.get_type_hints(cls, globalns=ns)
 
 
@@ -403,6 +401,10 @@ class TrainConfig:
     # run the network under bf16 autocast (CUDA, or CPU: fast where it has AMX / AVX512-BF16); weights,
     # optimiser state, EMA and the loss stay float32
     bf16: bool = False
+    # several processes (torchrun): ddp = every rank holds the whole model, gradients all-reduced; fsdp = FSDP2
+    # (torch.distributed.fsdp.fully_shard): parameters, gradients and optimiser state sharded across ranks, for
+    # models that do not fit one GPU; checkpoints are then sharded (difflab gather makes one file)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # torch.compile the network (inductor): faster steps on GPUs (ADM-64 bf16 +71% on an H200), about +7% on
     # a CPU after a minute or more of compilation (docs/results/speed.md)
     compile: bool = False
@@ -527,6 +529,44 @@ class Config:
             raise ConfigError(("data", "image_size"), f"is {self.data.image_size} but model.image_size is {size}")
 
 
+@dataclass(frozen=True)
+class ClassifierRunConfig:
+    """A noisy-classifier run (ADM Sec. 4): the network, the diffusion schedule it is trained on, data and
+    optimiser. A YAML file whose top level says ``task: classifier`` is one; it trains on the same loop
+    as a diffusion model (:class:`difflab.train.tasks.classifier.ClassifierTask`)."""
+
+    # the network (difflab.nn.classifier.ClassifierConfig); YAML may say {preset: NAME, ...overrides}
+    classifier: ClassifierConfig
+    # marks the file as a classifier config (a diffusion config has no 'task')
+    task: Literal["classifier"] = "classifier"
+    # the noise process of the diffusion model to guide (steps and schedule are used)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # labelled training data; the held-out split (mnist5k / digits) scores accuracy per noise level
+    data: DataConfig = field(default_factory=DataConfig)
+    # the loop's settings (optimiser, batch, EMAs, checkpoints, DDP / FSDP, bf16)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # the weights written to classifier.safetensors at the end: null = the trained weights (guided-diffusion's
+    # classifiers keep no average), or one of train.ema_rates
+    export_ema: float | None = None
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        c, d = self.classifier, self.data
+        if c.image_size != d.image_size:
+            raise ConfigError(("data", "image_size"), f"is {d.image_size} but classifier.image_size is {c.image_size}")
+        if d.channels is not None and d.channels != c.in_channels:
+            raise ConfigError(("data", "channels"), f"is {d.channels} but classifier.in_channels is {c.in_channels}")
+        rate = self.export_ema
+        if rate is not None and rate not in self.train.ema_rates:
+            raise ConfigError(("export_ema",), f"must be null or one of train.ema_rates {list(self.train.ema_rates)}; "
+                                               f"got {rate}")
+
+    @property
+    def schedule_name(self) -> str:
+        """``"cosine/1000"``: the schedule's name in the classifier's info and in messages."""
+        return f"{self.diffusion.schedule}/{self.diffusion.steps}"
+
+
 # ============================================================================ model presets
 
 
@@ -606,7 +646,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     """Read a YAML config, apply ``overrides`` (``["train.lr=1e-4", ...]``) and validate it.
 
     A file whose top level says ``task: classifier`` is a noisy-classifier config and comes back as a
-    :class:`difflab.train.classifier_trainer.ClassifierRunConfig` instead.
+    :class:`ClassifierRunConfig` instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -619,8 +659,6 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
         raise ConfigError((), f"{path}: expected a mapping of sections at the top level")
     try:
         if isinstance(data, Mapping) and "task" in data:
-            from difflab.train.classifier_trainer import ClassifierRunConfig
-
             return from_dict(ClassifierRunConfig, apply_overrides(dict(data), overrides))
         return config_from_dict(data or {}, overrides)
     except ConfigError as e:
@@ -639,6 +677,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, dump_config(cfg))
 
 
-def override(cfg: Config, overrides: Sequence[str]) -> Config:
-    """A new :class:`Config`: ``cfg`` with dotted ``overrides`` applied and everything re-validated."""
-    return config_from_dict(to_dict(cfg), overrides)
+def override(cfg: Any, overrides: Sequence[str]) -> Any:
+    """A new config of ``cfg``'s type (a :class:`Config` or :class:`ClassifierRunConfig`): ``cfg`` with
+    dotted ``overrides`` applied and everything re-validated."""
+    return from_dict(type(cfg), apply_overrides(to_dict(cfg), overrides))

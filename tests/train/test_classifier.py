@@ -1,22 +1,22 @@
 """Noisy-classifier training (ADM Sec. 4): the objective, accuracy per noise level, a real tiny
 ADM classifier on sklearn digits, the saved schedule info and its checks."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from difflab import Denoiser, Parameterization, Process, q_sample
+from difflab.config import load_config
 from difflab.data import load_digits8, uint8_to_float
 from difflab.guidance import ClassifierGuidance, ClassifierInfo
 from difflab.nn.classifier import Classifier, ClassifierConfig
 from difflab.nn.unet import UNet, UNetConfig
-from difflab.train.classifier import (
-    accuracy_by_noise_level,
-    classifier_losses,
-    load_classifier,
-    save_classifier,
-    train_classifier,
-)
+from difflab.train.classifier import accuracy_by_noise_level, classifier_losses, load_classifier, save_classifier
+from difflab.train.metrics import read_metrics
+from difflab.train.trainer import Trainer
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROCESS = Process.named("cosine", 1000)
@@ -34,20 +34,14 @@ def tiny_classifier(seed=0):
                                        out_channels=10))
 
 
-def batches(x, y, batch, seed):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        idx = torch.randperm(len(x), generator=g)[:batch]
-        yield x[idx], y[idx]
-
-
 @pytest.fixture(scope="module")
-def trained():
-    x, y = digits("train")
-    clf = tiny_classifier()
-    records = train_classifier(clf, PROCESS, batches(x, y, 64, 0), steps=120, lr=4e-3, weight_decay=0.05,
-                               generator=torch.Generator().manual_seed(1), schedule="cosine/1000", log_every=40)
-    return clf, records
+def trained(tmp_path_factory):
+    """configs/digits-classifier.yaml on the schedule of these tests (cosine, T = 1000), trained by the
+    one training loop: (the exported classifier, the metrics lines)."""
+    cfg = load_config(ROOT / "configs" / "digits-classifier.yaml", ["diffusion.steps=1000"])
+    run = tmp_path_factory.mktemp("clf")
+    Trainer(cfg, run, quiet=True).train()
+    return load_classifier(run), read_metrics(run / "metrics.jsonl")
 
 
 def test_objective_is_cross_entropy_on_q_samples():
@@ -119,8 +113,6 @@ def test_bad_inputs(tmp_path):
         classifier_losses(clf, PROCESS, x[:2], torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="bins must be an integer in 1..1000"):
         accuracy_by_noise_level(clf, PROCESS, x[:2], y[:2], bins=0)
-    with pytest.raises(ValueError, match="yielded no batches"):
-        train_classifier(clf, PROCESS, [], steps=1)
     with pytest.raises(ValueError, match="classifier file not found"):
         load_classifier(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")

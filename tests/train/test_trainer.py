@@ -113,9 +113,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    import difflab.train.trainer as trainer
+    import difflab.train.tasks.diffusion as diffusion_task
 
-    real, calls = trainer.training_losses, []
+    real, calls = diffusion_task.training_losses, []
 
     def poisoned(*args, **kwargs):  # finite for the first 3 steps, then NaN
         terms = real(*args, **kwargs)
@@ -124,7 +124,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             terms = {**terms, "loss": terms["loss"] * float("nan")}
         return terms
 
-    monkeypatch.setattr(trainer, "training_losses", poisoned)
+    monkeypatch.setattr(diffusion_task, "training_losses", poisoned)
     run = tmp_path / "run"
     code = main(["train", str(TINY), "--out", str(run), "--max-steps", "8", "--quiet",
                  *sets(*TINY_SET, "train.save_every=2")])

@@ -165,18 +165,29 @@ def _plain_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _write_files(tmp: Path, state: TrainingState) -> None:
+def _write_weights(tmp: Path, state: TrainingState, name, sharded: Mapping[str, list[str]] | None = None) -> None:
+    """The weight files: model, one per EMA, the optimizer; ``name(which, ext)`` gives each file's name
+    (a sharded checkpoint's names carry the rank), ``sharded`` the names of the sharded tensors."""
     from difflab.train.ema import ema_name
 
-    meta = {"format": "difflab", "step": str(state.step)}
-    safetensors.torch.save_file(_plain_tensors(state.model), tmp / "model.safetensors", metadata=meta)
+    def meta(which: str, **more: str) -> dict[str, str]:
+        out = {"format": "difflab", "step": str(state.step), **more}
+        if sharded is not None:
+            out["sharded"] = json.dumps(sharded.get(which, []))
+        return out
+
+    safetensors.torch.save_file(_plain_tensors(state.model), tmp / name("model", "safetensors"), metadata=meta("model"))
     for rate, sd in state.ema.items():
-        safetensors.torch.save_file(
-            _plain_tensors(sd), tmp / f"{ema_name(rate)}.safetensors", metadata={**meta, "ema_rate": str(rate)}
-        )
+        which = ema_name(rate)
+        safetensors.torch.save_file(_plain_tensors(sd), tmp / name(which, "safetensors"),
+                                    metadata=meta(which, ema_rate=str(rate)))
     check_weights_only_safe(state.optimizer, "optimizer")
+    torch.save(state.optimizer, tmp / name("optimizer", "pt"))
+
+
+def _write_state_and_manifest(tmp: Path, state: TrainingState, shards: int = 0) -> None:
+    """``state.pt`` and, last, the manifest of every file in ``tmp`` (all fsynced)."""
     check_weights_only_safe(state.extra, "extra")
-    torch.save(state.optimizer, tmp / "optimizer.pt")
     torch.save({"step": int(state.step), "ema_rates": [float(r) for r in state.ema], "extra": state.extra},
                tmp / "state.pt")
     files = {}
@@ -184,9 +195,24 @@ def _write_files(tmp: Path, state: TrainingState) -> None:
         _fsync_file(p)
         files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     manifest = {"format_version": FORMAT_VERSION, "step": int(state.step), "files": files}
+    if shards:
+        manifest["shards"] = shards
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_file(tmp / MANIFEST)
     fsync_dir(tmp)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` directory onto ``final`` (replacing an old one atomically)."""
+    run_dir = final.parent
+    if final.exists():  # move the old one aside first: a directory cannot be replaced in one step
+        old = run_dir / f"{TEMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(run_dir)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: TrainingState, *, keep_last: int | None = None) -> Path:
@@ -201,20 +227,48 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainingState, *, keep_la
     tmp = run_dir / f"{TEMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_files(tmp, state)
-        if final.exists():  # move the old one aside first: a directory cannot be replaced in one step
-            old = run_dir / f"{TEMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(run_dir)
+        _write_weights(tmp, state, lambda which, ext: f"{which}.{ext}")
+        _write_state_and_manifest(tmp, state)
+        _publish(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if keep_last is not None:
         prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def save_sharded_checkpoint(run_dir: str | os.PathLike, state: TrainingState, *, rank: int, world: int,
+                            sharded: Mapping[str, list[str]], barrier, keep_last: int | None = None) -> Path:
+    """The FSDP form of :func:`save_checkpoint`, called on every rank with that rank's local ``state``
+    (:func:`difflab.train.fsdp.local_state`); ``sharded`` names each weight file's sharded tensors.
+
+    Every rank writes ``model / ema_* / optimizer.shard-RRRRR-of-WWWWW.*`` into one temp directory; rank 0
+    then writes ``state.pt`` and the manifest (``"shards": W``) and renames the directory into place, so
+    a crash of any rank at any point leaves the previous checkpoints intact. ``barrier`` waits for all
+    ranks (the run folder must be on a file system every rank sees).
+    """
+    from difflab.train.fsdp import shard_name
+
+    run_dir = Path(run_dir)
+    final = run_dir / checkpoint_name(state.step)
+    tmp = run_dir / f"{TEMP_PREFIX}{final.name}-sharded"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    _write_weights(tmp, state, lambda which, ext: shard_name(which, rank, world, ext), sharded)
+    barrier()
+    if rank == 0:
+        try:
+            _write_state_and_manifest(tmp, state, shards=world)
+            _publish(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if keep_last is not None:
+            prune_checkpoints(run_dir, keep_last)
+    barrier()
     return final
 
 
@@ -266,10 +320,24 @@ def _read_manifest(ckpt: Path) -> dict[str, Any]:
         int(manifest["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: corrupt manifest ({e})") from None
-    for name in ("model.safetensors", "optimizer.pt", "state.pt"):
+    required = ["state.pt"]
+    shards = int(manifest.get("shards", 0) or 0)
+    if shards:
+        from difflab.train.fsdp import shard_name
+
+        required += [shard_name(w, r, shards, ext) for r in range(shards)
+                     for w, ext in (("model", "safetensors"), ("optimizer", "pt"))]
+    else:
+        required += ["model.safetensors", "optimizer.pt"]
+    for name in required:
         if name not in files:
             raise ValueError(f"{path}: lists no {name}")
     return manifest
+
+
+def checkpoint_shards(ckpt: str | os.PathLike) -> int:
+    """How many ranks wrote a sharded (FSDP) checkpoint; 0 for a whole one."""
+    return int(_read_manifest(Path(ckpt)).get("shards", 0) or 0)
 
 
 def verify_checkpoint(ckpt: str | os.PathLike, *, hashes: bool = True) -> dict[str, Any]:
@@ -343,49 +411,119 @@ def _short_reason(e: Exception) -> str:
 
 
 def load_checkpoint(
-    ckpt: str | os.PathLike, *, map_location: str | torch.device = "cpu", verify: bool = True
+    ckpt: str | os.PathLike, *, map_location: str | torch.device = "cpu", verify: bool = True,
+    rank: int | None = None,
 ) -> TrainingState:
     """Read a checkpoint directory (or a run folder: its latest checkpoint) into a TrainingState.
 
     ``verify`` checks every file's sha256 against the manifest first. Raises ValueError naming the
-    file for anything missing or corrupt. Never unpickles arbitrary objects.
+    file for anything missing or corrupt. Never unpickles arbitrary objects. A sharded (FSDP)
+    checkpoint needs ``rank``: that rank's local state comes back (resume on as many ranks as wrote it).
     """
+    ckpt = _resolve_ckpt(ckpt)
+    manifest = verify_checkpoint(ckpt, hashes=verify)
+    from difflab.train.ema import ema_name
+
+    shards = int(manifest.get("shards", 0) or 0)
+    if shards:
+        from difflab.train.fsdp import shard_name
+
+        if rank is None or not 0 <= rank < shards:
+            raise ValueError(f"{ckpt} is sharded over {shards} ranks (train.parallel: fsdp); resume it on {shards} "
+                             f"processes, or gather it first (difflab gather)")
+
+        def name(which: str, ext: str) -> str:
+            return shard_name(which, rank, shards, ext)
+    else:
+        def name(which: str, ext: str) -> str:
+            return f"{which}.{ext}"
+    meta = _load_pt(ckpt / "state.pt", map_location)
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise ValueError(f"{ckpt / 'state.pt'}: not a difflab training state")
+    ema = {}
+    for rate in meta.get("ema_rates", []):
+        file = name(ema_name(rate), "safetensors")
+        if file not in manifest["files"]:
+            raise ValueError(f"{ckpt / file}: listed in state.pt but missing from the manifest")
+        ema[float(rate)] = _load_safetensors(ckpt / file, map_location)
+    return TrainingState(
+        step=int(meta["step"]),
+        model=_load_safetensors(ckpt / name("model", "safetensors"), map_location),
+        ema=ema,
+        optimizer=_load_pt(ckpt / name("optimizer", "pt"), map_location),
+        extra=meta.get("extra", {}),
+    )
+
+
+def _resolve_ckpt(ckpt: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run folder's latest complete checkpoint."""
     ckpt = Path(ckpt)
     if ckpt.is_dir() and not (ckpt / MANIFEST).exists() and _step_dirs(ckpt):
         latest = latest_checkpoint(ckpt)
         if latest is None:
             raise ValueError(f"run folder {ckpt} has no complete checkpoint")
         ckpt = latest
-    manifest = verify_checkpoint(ckpt, hashes=verify)
+    return ckpt
+
+
+def _gathered(ckpt: Path, manifest: dict[str, Any], which: str, device: str) -> dict[str, Tensor] | None:
+    """The whole weights ``which`` of a sharded checkpoint, from its per-rank files (None if absent)."""
+    from difflab.train.fsdp import gather_state, shard_name
+
+    shards = int(manifest["shards"])
+    names = [shard_name(which, r, shards) for r in range(shards)]
+    if any(n not in manifest["files"] for n in names):
+        return None
+    parts, sharded = [], None
+    for n in names:
+        parts.append(_load_safetensors(ckpt / n, device))
+        if sharded is None:
+            with safetensors.safe_open(str(ckpt / n), framework="pt") as f:
+                sharded = json.loads((f.metadata() or {}).get("sharded", "[]"))
+    return gather_state(parts, sharded or [])
+
+
+def gather_checkpoint(ckpt: str | os.PathLike) -> list[Path]:
+    """Write the whole weights (``model.safetensors``, ``ema_*.safetensors``) of a sharded (FSDP)
+    checkpoint beside its shards, and rewrite its manifest to list them (atomically, the manifest
+    last): ``difflab sample`` and ``load_weights`` then read one file. Returns the files written."""
+    from difflab.fileio import atomic_path
+
+    ckpt = _resolve_ckpt(ckpt)
+    manifest = verify_checkpoint(ckpt)
+    if not manifest.get("shards"):
+        raise ValueError(f"{ckpt} is not sharded: it already holds whole weights")
+    meta = _load_pt(ckpt / "state.pt", "cpu")
     from difflab.train.ema import ema_name
 
-    meta = _load_pt(ckpt / "state.pt", map_location)
-    if not isinstance(meta, dict) or "step" not in meta:
-        raise ValueError(f"{ckpt / 'state.pt'}: not a difflab training state")
-    ema = {}
-    for rate in meta.get("ema_rates", []):
-        name = f"{ema_name(rate)}.safetensors"
-        if name not in manifest["files"]:
-            raise ValueError(f"{ckpt / name}: listed in state.pt but missing from the manifest")
-        ema[float(rate)] = _load_safetensors(ckpt / name, map_location)
-    return TrainingState(
-        step=int(meta["step"]),
-        model=_load_safetensors(ckpt / "model.safetensors", map_location),
-        ema=ema,
-        optimizer=_load_pt(ckpt / "optimizer.pt", map_location),
-        extra=meta.get("extra", {}),
-    )
+    written = []
+    for which in ["model", *[ema_name(r) for r in meta.get("ema_rates", [])]]:
+        state = _gathered(ckpt, manifest, which, "cpu")
+        with atomic_path(ckpt / f"{which}.safetensors") as tmp:
+            safetensors.torch.save_file(_plain_tensors(state), tmp, metadata={"format": "difflab",
+                                                                               "step": str(manifest["step"])})
+        p = ckpt / f"{which}.safetensors"
+        manifest["files"][p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        written.append(p)
+    with atomic_path(ckpt / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    return written
 
 
 def load_weights(ckpt: str | os.PathLike, which: str = "model", *, device: str = "cpu") -> dict[str, Tensor]:
     """One set of weights from a checkpoint directory (or a run folder: its latest checkpoint):
-    ``which`` = ``"model"`` or an EMA name such as ``"ema_0.9999"``."""
+    ``which`` = ``"model"`` or an EMA name such as ``"ema_0.9999"``. A sharded (FSDP) checkpoint is
+    gathered from its per-rank files in memory (see :func:`gather_checkpoint` to write one file)."""
     ckpt = Path(ckpt)
     if ckpt.is_dir() and not (ckpt / MANIFEST).exists() and _step_dirs(ckpt):
         ckpt = latest_checkpoint(ckpt) or ckpt
     manifest = verify_checkpoint(ckpt, hashes=False)
     name = f"{which}.safetensors"
     if name not in manifest["files"]:
-        have = [n.removesuffix(".safetensors") for n in manifest["files"] if n.endswith(".safetensors")]
+        gathered = _gathered(ckpt, manifest, which, device) if manifest.get("shards") else None
+        if gathered is not None:
+            return gathered
+        have = sorted({n.split(".shard-")[0].removesuffix(".safetensors") for n in manifest["files"]
+                       if n.endswith(".safetensors")})
         raise ValueError(f"checkpoint {ckpt} has no {which!r} weights; it has {', '.join(have)}")
     return _load_safetensors(ckpt / name, device)

@@ -11,16 +11,15 @@ image size) as ``classifier.diffusion_info``; :func:`save_classifier` writes it 
 safetensors metadata, and :class:`~difflab.guidance.ClassifierGuidance` refuses a classifier
 whose info does not fit the model it guides.
 
-Library functions only; ``difflab train`` with a classifier config calls them.
+The objective, the report and the file format; the training itself is a task of the one loop
+(:class:`difflab.train.tasks.classifier.ClassifierTask`, ``difflab train`` with ``task: classifier``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ from difflab.process import Process, q_sample
 
 Tensor = torch.Tensor
 
-__all__ = ["classifier_losses", "accuracy_by_noise_level", "train_classifier", "save_classifier", "load_classifier",
+__all__ = ["classifier_losses", "accuracy_by_noise_level", "save_classifier", "load_classifier",
            "CLASSIFIER_FILE"]
 
 _META_KEY = "difflab"
@@ -124,88 +123,10 @@ def accuracy_by_noise_level(
     return out
 
 
-def train_classifier(
-    classifier: torch.nn.Module,
-    process: Process,
-    data: Iterable[tuple[Tensor, Tensor]],
-    steps: int,
-    lr: float = 3e-4,
-    weight_decay: float = 0.0,
-    *,
-    anneal_lr: bool = False,
-    generator: torch.Generator | None = None,
-    schedule: str | None = None,
-    log_every: int = 0,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-    max_seconds: float | None = None,
-) -> list[dict[str, float]]:
-    """Train a noisy classifier with AdamW for ``steps`` steps (guided-diffusion ``classifier_train.py``).
-
-    Args:
-        data: iterable of (x0 [B, C, H, W] in [-1, 1], y [B]) batches; restarted when exhausted.
-        lr, weight_decay: AdamW (ADM IN128: 3e-4, 0.05). ``anneal_lr``: lr decays linearly to 0 (official flag).
-        generator: draws t and eps.
-        schedule: a name for the process (e.g. "cosine/1000"), kept in the info for messages.
-        log_every: record mean loss / accuracy every this many steps (0 = only the last step).
-        callback: called with each record.
-        max_seconds: stop after the step that ends past this wall-clock budget (its record is kept).
-    Returns:
-        the records ``{"step", "loss", "accuracy", "lr"}``. Sets ``classifier.diffusion_info``.
-    """
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if lr <= 0 or weight_decay < 0:
-        raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
-    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
-    classifier.train()
-    records: list[dict[str, float]] = []
-    it = iter(data)
-    sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-    image_size = None
-    num_classes = None
-    start = time.perf_counter()
-    for step in range(steps):
-        try:
-            x0, y = next(it)
-        except StopIteration:
-            it = iter(data)
-            try:
-                x0, y = next(it)
-            except StopIteration:
-                raise ValueError("the classifier's training data yielded no batches") from None
-        image_size = x0.shape[-1]
-        cur_lr = lr * (1 - step / steps) if anneal_lr else lr
-        for group in opt.param_groups:
-            group["lr"] = cur_lr
-        terms = classifier_losses(classifier, process, x0, y, generator=generator)
-        num_classes = terms["logits"].shape[1]
-        loss = terms["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sums["loss"] += loss.item()
-        sums["accuracy"] += terms["correct"].float().mean().item()
-        sums["n"] += 1
-        out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
-        if (log_every and (step + 1) % log_every == 0) or step == steps - 1 or out_of_time:
-            rec = {"step": step + 1, "loss": sums["loss"] / sums["n"], "accuracy": sums["accuracy"] / sums["n"],
-                   "lr": cur_lr}
-            records.append(rec)
-            if callback is not None:
-                callback(rec)
-            sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-        if out_of_time:
-            break
-    if image_size is not None:
-        classifier.diffusion_info = ClassifierInfo.from_process(process, image_size, num_classes, schedule)
-    classifier.eval()
-    return records
-
-
 def save_classifier(path: str | os.PathLike, classifier: torch.nn.Module, info: ClassifierInfo | None = None) -> None:
     """Write the weights as safetensors, with the network config and the :class:`ClassifierInfo` as metadata.
 
-    ``info`` defaults to ``classifier.diffusion_info`` (set by :func:`train_classifier`); it is required.
+    ``info`` defaults to ``classifier.diffusion_info``; it is required.
     The file is written atomically.
     """
     from difflab.config import to_dict
@@ -213,7 +134,7 @@ def save_classifier(path: str | os.PathLike, classifier: torch.nn.Module, info: 
     info = info if info is not None else getattr(classifier, "diffusion_info", None)
     if info is None:
         raise ValueError("the classifier has no ClassifierInfo (the schedule and image size it was trained on); "
-                         "train it with train_classifier or pass info=ClassifierInfo.from_process(...)")
+                         "pass info=ClassifierInfo.from_process(...)")
     meta = {"kind": "classifier", "config": to_dict(classifier.config), "diffusion_info": info.to_dict()}
     state = {k: v.detach().contiguous().cpu() for k, v in classifier.state_dict().items()}
     atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata={_META_KEY: json.dumps(meta)}))

@@ -73,13 +73,13 @@ class EMA:
         missing = [n for n in avg if n not in state]
         if missing:
             raise ValueError(f"EMA {rate}: state lacks parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        with torch.no_grad():
-            for name, t in avg.items():
-                if state[name].shape != t.shape:
-                    raise ValueError(
-                        f"EMA {rate}: {name} has shape {tuple(state[name].shape)}, expected {tuple(t.shape)}"
-                    )
-                t.copy_(state[name].float())
+        from difflab.train.fsdp import copy_local_
+
+        for name, t in avg.items():  # under FSDP, t is a sharded DTensor and state holds its local shard
+            try:
+                copy_local_(t, state[name].float())
+            except ValueError as e:
+                raise ValueError(f"EMA {rate}: {name}: {e}") from None
 
     def _average(self, rate: float) -> dict[str, Tensor]:
         if float(rate) not in self.averages:

@@ -23,7 +23,9 @@ _TERMS = ("loss", "mse", "vb", "grad_norm")
 class MetricsLog:
     """Running means of the step metrics, flushed as a JSON line every ``log_every`` steps."""
 
-    def __init__(self, path: str | os.PathLike, log_every: int, *, write: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, log_every: int, *, write: bool = True,
+                 terms: tuple[str, ...] = _TERMS) -> None:
+        self.terms = terms
         self.path = Path(path)
         self.log_every = log_every
         self.write = write
@@ -35,7 +37,7 @@ class MetricsLog:
 
     def add(self, step: int, metrics: dict[str, float], images: int, lr: float) -> dict | None:
         """Record one optimiser step; at a multiple of ``log_every`` append (and return) the line."""
-        for k in _TERMS:
+        for k in self.terms:
             if k in metrics:
                 self.sums[k] = self.sums.get(k, 0.0) + float(metrics[k])
         self.count += 1

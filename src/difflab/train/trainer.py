@@ -1,26 +1,30 @@
-"""The training loop (improved-diffusion's ``TrainLoop``, made exactly resumable and rank-invariant).
+"""The one training loop, for every kind of model (improved-diffusion's ``TrainLoop``, made exactly
+resumable and rank-invariant). A task (:mod:`difflab.train.tasks`) says what is trained and what its
+loss is; this loop owns the rest.
 
-One optimiser step (``Trainer.train_step``), for a global batch of B images over W ranks:
+One optimiser step (``Trainer.train_step``), for a global batch of B examples over W ranks:
 
-1. data: the step-th batch of a :class:`~difflab.train.distributed.ShardedOrder` (rank r holds the
-   global positions r, r+W, ...; together the ranks hold exactly the single-process batch);
-2. randomness: t (timestep sampler), eps and the label-dropout coins are drawn for the whole global
-   batch from the trainer's own generators and each rank keeps its positions, so a run's numbers
-   do not depend on W and a checkpoint of three generator states resumes them exactly;
-3. loss: per-example ``training_losses`` times the importance weights; gradients are accumulated
-   over micro-batches as the sum over the global batch / B, and averaged over ranks by DDP, so the
-   gradient is that of the global-batch mean whatever W and ``microbatch`` are;
+1. data: ``source.batch(step)`` (:mod:`difflab.data.sources`): rank r holds the global positions
+   r, r+W, ... (together the ranks hold exactly the single-process batch);
+2. randomness: the task draws it for the whole global batch from its own generators (seeded from
+   ``(train.seed, name)``) and each rank keeps its positions, so a run's numbers do not depend on W
+   and a checkpoint of the generator states resumes them exactly;
+3. loss: the task's per-example ``loss`` times its importance ``weights`` (if any); gradients are
+   accumulated over micro-batches as the sum over the global batch / B, and averaged over ranks by
+   DDP (or reduce-scattered by FSDP), so the gradient is that of the global-batch mean whatever W and
+   ``microbatch`` are;
 4. a non-finite loss or gradient norm stops the run (:class:`TrainingDiverged`) before the
    optimiser step and before any checkpoint of the bad state;
-5. gradient clipping, AdamW with linear warm-up, the EMA update of every rate; the
-   loss-second-moment sampler is updated with the per-example ``loss`` terms of the whole batch
-   (the official code feeds it the same terms, per rank and micro-batch).
+5. gradient clipping, AdamW with linear warm-up, the EMA update of every rate, then the task's
+   ``after_step`` (the loss-aware timestep sampler learns from the batch's terms).
 
-The run folder (rank 0 writes): ``config.yaml``, ``metrics.jsonl``, ``samples/step_XXXXXXX.png``
-(from the first EMA) and ``ckpt_XXXXXXX/`` (:mod:`difflab.train.checkpoint`) with the model, every
-EMA, the optimiser, and in ``state.pt`` the RNG states (torch, numpy, python and the trainer's
-generators), the timestep-sampler history, the data position (batches consumed = steps) and the
-log's running sums. Resuming from a checkpoint continues bit-identically on the same machine.
+The run folder (rank 0 writes): ``config.yaml``, ``metrics.jsonl`` (the task's ``log_terms``), what
+the task writes (``samples/step_XXXXXXX.png``; a classifier's exported weights) and
+``ckpt_XXXXXXX/`` (:mod:`difflab.train.checkpoint`) with the model, every EMA, the optimiser, and in
+``state.pt`` the RNG states (torch, numpy, python and the task's generators), the task's state, the
+data position (batches consumed = steps) and the log's running sums. Under ``train.parallel: fsdp``
+each rank writes its shards of the weights and optimiser (:mod:`difflab.train.fsdp`). Resuming from
+a checkpoint continues bit-identically on the same machine.
 """
 
 from __future__ import annotations
@@ -32,24 +36,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from difflab.build import (
-    CONFIG_NAME,
-    build_denoiser,
-    build_model,
-    build_timestep_sampler,
-    default_ema_rate,
-    load_state_strict,
-    training_loss_type,
-)
-from difflab.config import Config, save_config
-from difflab.data import build_dataset
-from difflab.losses import training_losses
-from difflab.timesteps import LossSecondMomentResampler
+from difflab.build import CONFIG_NAME, load_state_strict
+from difflab.config import save_config
 from difflab.train import distributed as dist_utils
+from difflab.train import fsdp
 from difflab.train.checkpoint import (
     TrainingState,
     capture_rng_state,
@@ -58,12 +54,12 @@ from difflab.train.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from difflab.train.ema import EMA
 from difflab.train.metrics import METRICS_NAME, MetricsLog, truncate_metrics
-
-GENERATORS = ("timesteps", "noise", "labels")
-GRID_IMAGES = 16
+from difflab.train.tasks import Task, make_task
+from difflab.train.tasks.base import chunk, rank_part
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,21 +88,29 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
 class Trainer:
     """Trains ``cfg`` into ``run_dir`` (see the module docstring).
 
     Args:
-        cfg: the resolved run config.
+        cfg: the resolved run config (a diffusion :class:`~difflab.config.Config`, a
+            :class:`~difflab.config.ClassifierRunConfig`, ...: :func:`difflab.train.tasks.make_task`).
         run_dir: the run folder; a new run needs it empty of checkpoints, ``resume=True`` needs one.
         resume: continue from the latest complete checkpoint in ``run_dir``.
         quiet: no progress bar (it is also off when stderr is not a terminal, and on ranks > 0).
+        task: the task (default: the one ``cfg`` names).
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> None:
+    def __init__(self, cfg, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+                 task: Task | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         tc = cfg.train
+        self.task = task if task is not None else make_task(cfg)
         self.info = dist_utils.init_distributed()
         self.device = self.info.device
         self.world, self.rank = self.info.world_size, self.info.rank
@@ -117,31 +121,26 @@ class Trainer:
         ckpt = self._check_run_dir(resume)
 
         _seed_everything(tc.seed)  # identical initial weights on every rank
-        self.dataset = build_dataset(cfg.data, seed=tc.seed)
-        self.order = dist_utils.ShardedOrder(len(self.dataset), seed=tc.seed, even="drop")
-        self.order.batches_per_epoch(self.local_batch)  # a batch larger than the data is an error now
-        self.net = build_model(cfg).to(self.device)
-        self.model = self.net
-        if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.source = self.task.build_source(rank=self.rank, world=self.world, local_batch=self.local_batch)
+        self.net = self.task.build_model().to(self.device)
+        self.sharded = tc.parallel == "fsdp" and self.world > 1
+        self.model = self._parallel(self.net)
         if tc.compile:
             self.model = torch.compile(self.model)  # shares self.net's parameters; checkpoints stay plain
-        self.denoiser = build_denoiser(cfg, self.model)
-        self.loss_type = training_loss_type(cfg.diffusion)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tc.adam_betas,
                                      weight_decay=tc.weight_decay)
         self.ema = EMA(self.net, tc.ema_rates)
-        self.timestep_sampler = build_timestep_sampler(cfg)
         self.generators = {
-            "timesteps": torch.Generator().manual_seed(_seed_for(tc.seed, "timesteps")),
-            "noise": torch.Generator(self.device).manual_seed(_seed_for(tc.seed, "noise")),
-            "labels": torch.Generator().manual_seed(_seed_for(tc.seed, "labels")),
+            name: torch.Generator(self.device if name in self.task.device_generators else "cpu").manual_seed(
+                _seed_for(tc.seed, name))
+            for name in self.task.generator_names
         }
         self.autocast = tc.bf16
         self.step = 0
         self.seconds = 0.0  # training wall-clock over every session of the run
-        self.metrics = MetricsLog(self.run_dir / METRICS_NAME, tc.log_every, write=self.main)
+        self.report: Any = None  # what the task's finish() reports (a classifier's accuracy table)
+        self.metrics = MetricsLog(self.run_dir / METRICS_NAME, tc.log_every, write=self.main,
+                                  terms=self.task.log_terms)
         if ckpt is not None:
             self._load(ckpt)
         elif self.main:
@@ -152,6 +151,15 @@ class Trainer:
         dist_utils.barrier()
 
     # ------------------------------------------------------------------------------------------ setup
+    def _parallel(self, net: nn.Module) -> nn.Module:
+        """The module the steps call: the network itself, under DDP, or sharded in place by FSDP2."""
+        if self.world == 1:
+            return net
+        if self.sharded:
+            return fsdp.shard_model(net)
+        return torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def _check_run_dir(self, resume: bool) -> Path | None:
         if resume:
             if not self.run_dir.is_dir():
@@ -168,18 +176,23 @@ class Trainer:
         return None
 
     def _load(self, ckpt: Path) -> None:
-        state = load_checkpoint(ckpt, map_location="cpu")
-        load_state_strict(self.net, state.model, where=f"{ckpt}/model.safetensors")
+        state = load_checkpoint(ckpt, map_location="cpu", rank=self.rank if self.sharded else None)
+        if self.sharded:
+            self._load_local(state, ckpt)
+        else:
+            load_state_strict(self.net, state.model, where=f"{ckpt}/model.safetensors")
+            try:
+                self.opt.load_state_dict(state.optimizer)
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{ckpt}/optimizer.pt does not fit the model's parameters ({e})") from None
         for rate in self.ema.rates:
             if rate not in state.ema:
                 raise ValueError(f"{ckpt} has no EMA at rate {rate}; it has {sorted(state.ema)}")
             self.ema.load_state_dict(rate, state.ema[rate])
-        try:
-            self.opt.load_state_dict(state.optimizer)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{ckpt}/optimizer.pt does not fit the model's parameters ({e})") from None
         extra = state.extra
-        self.timestep_sampler.load_state_dict(extra.get("timestep_sampler", {}))
+        if int(extra.get("world_size", self.world)) != self.world and self.sharded:
+            raise ValueError(f"{ckpt} was written by {extra['world_size']} FSDP ranks; resume it on as many")
+        self.task.load_state_dict(extra.get("task", {"timestep_sampler": extra.get("timestep_sampler", {})}))
         self.metrics.load_state_dict(extra.get("metrics", {}))
         self.seconds = float(extra.get("seconds", 0.0))
         self.step = state.step
@@ -189,65 +202,70 @@ class Trainer:
         if self.main:
             truncate_metrics(self.run_dir / METRICS_NAME, self.step)
 
+    def _load_local(self, state: TrainingState, ckpt: Path) -> None:
+        """This rank's shards of a sharded checkpoint into the FSDP-sharded network and optimiser."""
+        where = f"{ckpt}/{fsdp.shard_name('model', self.rank, self.world)}"
+        own = self.net.state_dict()
+        if set(own) != set(state.model):
+            raise ValueError(f"{where} does not fit the model (keys differ)")
+        try:
+            for name, value in own.items():
+                fsdp.copy_local_(value, state.model[name])
+            fsdp.restore_optimizer_state(self.opt, state.optimizer)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{where} does not fit the model ({e})") from None
+
     # ------------------------------------------------------------------------------------------ one step
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (1-based): linear warm-up to ``train.lr``."""
         tc = self.cfg.train
         return tc.lr * min(1.0, step / tc.warmup_steps) if tc.warmup_steps else tc.lr
 
-    def _global_draws(self, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """t, weights, eps and dropout coins for the whole global batch; this rank's positions kept."""
-        B, mine = self.cfg.train.batch_size, slice(self.rank, None, self.world)
-        t, w = self.timestep_sampler.sample(B, generator=self.generators["timesteps"])
-        g = self.generators["noise"]
-        noise = torch.randn((B, *shape), generator=g, device=g.device)
-        out = {"t_all": t, "t": t[mine].to(self.device), "weights": w[mine].to(self.device),
-               "noise": noise[mine].to(self.device)}
-        if self.cfg.data.class_cond and self.cfg.diffusion.p_uncond > 0:
-            # The same Bernoulli(p_uncond) coins as guidance.drop_labels, drawn for the global batch.
-            coins = torch.rand(B, generator=self.generators["labels"])
-            out["drop"] = (coins < self.cfg.diffusion.p_uncond)[mine].to(self.device)
-        return out
-
-    def _model_kwargs(self, y: torch.Tensor, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not self.cfg.data.class_cond:
-            return {}
-        if "drop" in draws:  # classifier-free training: the null label num_classes (CFG Alg. 1)
-            y = torch.where(draws["drop"], torch.full_like(y, self.cfg.model.num_classes), y)
-        return {"y": y}
+    def _sync_context(self, sync: bool):
+        """No gradient all-reduce / reduce-scatter on micro-batches before the last (accumulation)."""
+        if sync or self.world == 1:
+            return contextlib.nullcontext()
+        if self.sharded:
+            @contextlib.contextmanager
+            def no_sync():
+                self.net.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    self.net.set_requires_gradient_sync(True)
+            return no_sync()
+        return self.model.no_sync()
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step (see the module docstring); returns the step's global-batch metrics."""
         tc, step = self.cfg.train, self.step + 1
-        epoch, idx = self.order.batch(self.step, self.local_batch)
-        x0, y = self.dataset.get_batch(idx, epoch)
-        x0, y = x0.to(self.device), y.to(self.device)
-        draws = self._global_draws(tuple(x0.shape[1:]))
-        kwargs = self._model_kwargs(y, draws)
+        batch = {k: _to(v, self.device) for k, v in self.source.batch(self.step).items()}
+        draws_all = self.task.draws(tc.batch_size, batch, self.generators)
+        draws = {k: _to(rank_part(v, self.rank, self.world), self.device) for k, v in draws_all.items()}
+        weights = draws.get("weights")
         self.opt.zero_grad(set_to_none=True)
-        chunk = tc.microbatch or self.local_batch
-        starts = list(range(0, self.local_batch, chunk))
+        size = tc.microbatch or self.local_batch
+        starts = list(range(0, self.local_batch, size))
         per_example: dict[str, list[torch.Tensor]] = {}
         for i, s in enumerate(starts):
-            part = slice(s, s + chunk)
-            sync = i == len(starts) - 1 or self.world == 1
-            with (contextlib.nullcontext() if sync else self.model.no_sync()), torch.autocast(
+            part = slice(s, s + size)
+            with self._sync_context(i == len(starts) - 1), torch.autocast(
                     self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                terms = training_losses(self.denoiser, x0[part], draws["t"][part], loss_type=self.loss_type,
-                                        noise=draws["noise"][part],
-                                        model_kwargs={k: v[part] for k, v in kwargs.items()})
-                # sum / local batch: with DDP's mean over ranks, the gradient of the global-batch mean
-                loss = (terms["loss"] * draws["weights"][part]).sum() / self.local_batch
-                loss.backward()
+                terms = self.task.losses(self.model, {k: chunk(v, part) for k, v in batch.items()},
+                                         {k: chunk(v, part) for k, v in draws.items()})
+                loss = terms["loss"] if weights is None else terms["loss"] * weights[part]
+                # sum / local batch: with the mean over ranks, the gradient of the global-batch mean
+                (loss.sum() / self.local_batch).backward()
             for k, v in terms.items():
                 per_example.setdefault(k, []).append(v.detach().float())
         local = {k: torch.cat(v) for k, v in per_example.items()}
-        metrics = self._reduce_means(local, draws["weights"])
-        self._update_timestep_sampler(draws["t_all"], local["loss"])
+        metrics = self._reduce_means(local, weights)
+        self.task.after_step(draws_all, local)
         if not math.isfinite(metrics["weighted_loss"]):
             raise TrainingDiverged(f"loss is {metrics['weighted_loss']} at step {step}")
         clip = tc.grad_clip if tc.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        grad_norm = float(grad_norm.full_tensor() if fsdp.is_sharded(grad_norm) else grad_norm)
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step}")
         lr = self.lr_at(step)
@@ -260,27 +278,21 @@ class Trainer:
         metrics["lr"] = lr
         return metrics
 
-    def _reduce_means(self, local: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, float]:
-        """Global-batch means of the loss terms (and of the weighted loss that was optimised)."""
+    def _reduce_means(self, local: dict[str, torch.Tensor], weights: torch.Tensor | None) -> dict[str, float]:
+        """Global-batch means of the per-example terms (and of the weighted loss that was optimised)."""
         names = sorted(local)
-        sums = torch.stack([local[k].sum() for k in names] + [(local["loss"] * weights).sum()]).double()
+        weighted = local["loss"] if weights is None else local["loss"] * weights
+        sums = torch.stack([local[k].sum() for k in names] + [weighted.sum()]).double()
         if self.world > 1:
             torch.distributed.all_reduce(sums)
         means = (sums / self.cfg.train.batch_size).tolist()
         return {**dict(zip(names, means[:-1], strict=True)), "weighted_loss": means[-1]}
 
-    def _update_timestep_sampler(self, t_all: torch.Tensor, local_loss: torch.Tensor) -> None:
-        if not isinstance(self.timestep_sampler, LossSecondMomentResampler):
-            return  # the uniform sampler keeps no history: no gather needed
-        losses = dist_utils.all_gather_uneven(local_loss)
-        # gathered rank by rank; rank r held positions r, r+W, ...: interleave back to batch order
-        losses = losses.reshape(self.world, self.local_batch).t().reshape(-1)
-        self.timestep_sampler.update(t_all, losses.cpu())
-
     # ------------------------------------------------------------------------------------------ the loop
     def train(self, max_steps: int | None = None, max_minutes: float | None = None) -> TrainResult:
         """Train until ``max_steps`` (default ``train.max_steps``) or ``max_minutes`` of this call;
-        checkpoint every ``save_every`` steps and at the end. Raises :class:`TrainingDiverged`."""
+        checkpoint every ``save_every`` steps and at the end, then let the task write its final outputs.
+        Raises :class:`TrainingDiverged`."""
         tc = self.cfg.train
         max_steps = tc.max_steps if max_steps is None else max_steps
         check_limits(max_steps, max_minutes)
@@ -310,6 +322,7 @@ class Trainer:
                 bar.close()
         if self._saved_step() != self.step:
             self.save()
+        self.finish()
         dist_utils.barrier()
         return TrainResult(self.run_dir, self.step, stopped, time.perf_counter() - start, last)
 
@@ -337,15 +350,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ outputs
     def training_state(self) -> TrainingState:
-        """Everything needed to resume exactly (see the module docstring)."""
+        """Everything needed to resume exactly (see the module docstring); this rank's shards under FSDP."""
         return TrainingState(
             step=self.step,
             model=self.net.state_dict(),
             ema={rate: self.ema.state_dict(rate, self.net) for rate in self.ema.rates},
-            optimizer=self.opt.state_dict(),
+            optimizer=fsdp.local_optimizer_state(self.opt) if self.sharded else self.opt.state_dict(),
             extra={
                 "rng": capture_rng_state(self.generators),
-                "timestep_sampler": self.timestep_sampler.state_dict(),
+                "task": self.task.state_dict(),
                 "data_position": self.step,
                 "metrics": self.metrics.state_dict(),
                 "seconds": self.seconds,
@@ -354,34 +367,61 @@ class Trainer:
         )
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0), keeping the last ``train.keep_last``."""
+        """Write a checkpoint of the current step, keeping the last ``train.keep_last``: rank 0 alone,
+        or every rank its shards under FSDP."""
+        keep = self.cfg.train.keep_last
+        if self.sharded:
+            from difflab.train.ema import ema_name
+
+            state = self.training_state()
+            model, sharded = fsdp.local_state(state.model)
+            names = {"model": sharded}
+            ema = {}
+            for rate, sd in state.ema.items():
+                ema[rate], names[ema_name(rate)] = fsdp.local_state(sd)
+            local = TrainingState(step=state.step, model=model, ema=ema, optimizer=state.optimizer,
+                                  extra=state.extra)
+            return save_sharded_checkpoint(self.run_dir, local, rank=self.rank, world=self.world, sharded=names,
+                                           barrier=dist_utils.barrier, keep_last=keep)
         path = None
         if self.main:
-            path = save_checkpoint(self.run_dir, self.training_state(), keep_last=self.cfg.train.keep_last)
+            path = save_checkpoint(self.run_dir, self.training_state(), keep_last=keep)
         dist_utils.barrier()
         return path
 
-    @torch.no_grad()
-    def save_sample_grid(self) -> Path | None:
-        """``samples/step_XXXXXXX.png``: 16 images from the first EMA (rank 0), drawn with the run's
-        sample settings and a fixed seed; training randomness is untouched."""
+    def snapshot(self, ema_rate: float | None) -> nn.Module | None:
+        """A plain copy of the network in eval mode with the weights of ``ema_rate`` (None = the
+        trained weights), on rank 0 (None elsewhere). A collective under FSDP: every rank calls it.
+        The global RNG is untouched, so training randomness does not depend on snapshots."""
+        state = self.net.state_dict() if ema_rate is None else self.ema.state_dict(ema_rate, self.net)
+        state = fsdp.full_state(state) if self.sharded else state
         if not self.main:
             return None
-        from difflab.generate import draw_samples
-        from difflab.images import save_grid, to_uint8
+        with torch.random.fork_rng(devices=[]):
+            net = self.task.build_model()
+        load_state_strict(net, {k: v.detach() for k, v in state.items()}, where="the training weights")
+        return net.to(self.device).eval()
 
-        rate = default_ema_rate(self.cfg)
-        swap = self.ema.swapped_in(self.net, rate) if rate is not None else contextlib.nullcontext()
-        with swap:
-            self.net.eval()
-            try:
-                denoiser = build_denoiser(self.cfg, self.net)
-                x, _ = draw_samples(denoiser, self.cfg, n=GRID_IMAGES, distributed=False, progress=False)
-            finally:
-                self.net.train()
-        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        save_grid(to_uint8(x, self.cfg.data), path)
+    @torch.no_grad()
+    def save_sample_grid(self) -> Path | None:
+        """The task's picture of the model now (a diffusion run: ``samples/step_XXXXXXX.png`` from the
+        first EMA); rank 0 writes it."""
+        rate = self.task.grid_ema_rate()
+        if not self.task.has_grid:
+            return None
+        net = self.snapshot(rate)
+        path = self.task.sample_grid(self, net) if self.main else None
+        dist_utils.barrier()
         return path
+
+    def finish(self) -> None:
+        """The task's final outputs of this call (a classifier's exported weights and accuracy table)."""
+        if not self.task.has_finish:
+            return
+        net = self.snapshot(self.task.finish_ema_rate())
+        if self.main:
+            self.task.finish(self, net)
+        dist_utils.barrier()
 
 
 def check_limits(max_steps: int | None, max_minutes: float | None) -> None:
@@ -393,7 +433,7 @@ def check_limits(max_steps: int | None, max_minutes: float | None) -> None:
 
 
 def train(
-    cfg: Config,
+    cfg,
     run_dir: str | Path,
     *,
     resume: bool = False,
@@ -413,7 +453,7 @@ def resolve_train_config(
     out: str | Path | None = None,
     resume: str | Path | None = None,
     max_steps: int | None = None,
-) -> tuple[Config, Path]:
+) -> tuple[Any, Path]:
     """The config and run folder of ``difflab train``.
 
     New run: ``config`` + ``overrides`` (+ ``train.max_steps=max_steps``), into ``out`` (default
@@ -428,7 +468,7 @@ def resolve_train_config(
         if out is not None and Path(out) != Path(resume):
             raise ValueError(f"--out {out} and --resume {resume} name different run folders; give only --resume")
         run_dir = Path(resume)
-        cfg = override(load_run_config(run_dir), extra)
+        cfg = override(load_run_config(run_dir, any_task=True), extra)
         if config is not None and load_config(config, extra) != cfg:
             raise ValueError(f"{config} differs from {run_dir / CONFIG_NAME}; resume without CONFIG to use the run's")
         return cfg, run_dir

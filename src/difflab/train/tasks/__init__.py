@@ -1,0 +1,33 @@
+"""Tasks of the one training loop: what each kind of model trains on and how it is scored.
+
+- :class:`~difflab.train.tasks.diffusion.DiffusionTask`: a denoiser (DDPM / iDDPM / ADM / CFG), from a
+  :class:`~difflab.config.Config`;
+- :class:`~difflab.train.tasks.classifier.ClassifierTask`: a noisy classifier for classifier guidance
+  (ADM Sec. 4), from a :class:`~difflab.config.ClassifierRunConfig` (``task: classifier``).
+
+:mod:`difflab.train.tasks.base` says what a task supplies and what the loop does with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difflab.train.tasks.base import Task
+
+__all__ = ["Task", "make_task"]
+
+
+def make_task(cfg: Any) -> Task:
+    """The task a run config describes (by its type)."""
+    from difflab.config import ClassifierRunConfig, Config
+
+    if isinstance(cfg, ClassifierRunConfig):
+        from difflab.train.tasks.classifier import ClassifierTask
+
+        return ClassifierTask(cfg)
+    if isinstance(cfg, Config):
+        from difflab.train.tasks.diffusion import DiffusionTask
+
+        return DiffusionTask(cfg)
+    raise ValueError(f"no training task for a {type(cfg).__name__}; valid: Config (diffusion), "
+                     "ClassifierRunConfig (task: classifier)")

@@ -88,7 +88,8 @@ def test_gathered_checkpoint_is_the_whole_weights_and_samples(runs, tmp_path):
     shards = [safetensors.torch.load_file(ckpt / f"model.shard-0000{r}-of-00002.safetensors") for r in (0, 1)]
     key = next(k for k in shards[0] if shards[0][k].dim() == 4)
     whole = load_weights(ckpt, "model")[key]
-    assert shards[0][key].shape[0] == -(-whole.shape[0] // 2) and torch.equal(torch.cat([s[key] for s in shards]), whole)
+    assert shards[0][key].shape[0] == -(-whole.shape[0] // 2)
+    assert torch.equal(torch.cat([s[key] for s in shards]), whole)
     npz = tmp_path / "s.npz"
     run_cli("sample", str(runs["two"]), "--n", "3", "--steps", "2", "--label", "4", "--npz", str(npz), "--quiet")
     assert np.load(npz)["arr_0"].shape == (3, 8, 8, 1)

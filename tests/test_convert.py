@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from difflab.build import official_denoiser
 from difflab.cli import main
 from difflab.convert import (
     OFFICIAL_DIFFUSION,
@@ -15,7 +16,6 @@ from difflab.convert import (
     converted_run_config,
     load_converted,
     load_official_state_dict,
-    official_denoiser,
     save_converted,
 )
 from difflab.nn.presets import RELEASED_FLAGS, build_network, config_from_official_kwargs, get_preset

@@ -158,6 +158,17 @@ def load_run(
     return cfg, net, build_denoiser(cfg, net)
 
 
+def official_denoiser(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Denoiser:
+    """A converted released U-Net (a ``difflab convert`` folder) as a ready :class:`~difflab.denoiser.Denoiser`
+    with the diffusion flags it was trained with (:func:`difflab.convert.converted_run_config`): ``Denoiser(net
+    in eval mode, Process.named(schedule, T), Parameterization("eps", learned_range), time_scale=1000 / T if
+    rescale_timesteps)``. (Here, not in convert: convert never imports build, so there is no import circle.)"""
+    from difflab.convert import converted_run_config, load_converted
+
+    cfg = converted_run_config(out_dir)
+    return build_denoiser(cfg, load_converted(out_dir, device=device).eval())
+
+
 def module_device(net) -> torch.device:
     """The device of a network's first parameter (CPU for a callable without parameters)."""
     params = getattr(net, "parameters", None)

@@ -55,7 +55,6 @@ __all__ = [
     "is_converted_folder",
     "converted_classifier",
     "converted_run_config",
-    "official_denoiser",
 ]
 
 # Official key prefix -> difflab key prefix. improved-/guided-diffusion keys are difflab keys as they are;
@@ -396,13 +395,3 @@ def converted_run_config(folder: str | os.PathLike):
     data = DataConfig(source="none", image_size=net.image_size, channels=net.in_channels,
                       class_cond=net.num_classes is not None)
     return Config(model=net, diffusion=diffusion, data=data, train=TrainConfig(ema_rates=()))
-
-
-def official_denoiser(out_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A converted released U-Net as a ready :class:`~difflab.denoiser.Denoiser` with the diffusion flags it
-    was trained with (:func:`converted_run_config`): ``Denoiser(net in eval mode, Process.named(schedule, T),
-    Parameterization("eps", learned_range), time_scale=1000 / T if rescale_timesteps)``."""
-    from difflab.build import build_denoiser
-
-    cfg = converted_run_config(out_dir)
-    return build_denoiser(cfg, load_converted(out_dir, device=device).eval())

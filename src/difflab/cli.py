@@ -214,7 +214,31 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_train, _add_sample, _add_nll, _add_info, _add_convert, _add_eval]
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check training data: 'difflab data scan PATH' lists every broken image",
+                       description="Tools for training data (docs/data.md).")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    scan = data_sub.add_parser(
+        "scan", help="decode every image of a folder, manifest or webdataset shards and list the broken ones",
+        description="Fully decode every image under PATH (an image folder, a .jsonl manifest, a .tar, a folder of "
+        ".tar shards or a brace pattern) and list each file that fails. Exit 0 when all decode, 1 otherwise.")
+    scan.add_argument("path", metavar="PATH", help="image folder, manifest .jsonl or webdataset shards")
+    scan.add_argument("--captions", action="store_true", help="check the captions too (x.txt sidecars, .txt members)")
+    scan.add_argument("--json", action="store_true", help="print JSON")
+    scan.set_defaults(func=_run_data_scan)
+
+
+def _run_data_scan(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.data.scan import scan_images
+
+    report = scan_images(args.path, captions=args.captions)
+    print(json.dumps(report.as_dict(), indent=1) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
+_SUBCOMMANDS = [_add_train, _add_sample, _add_nll, _add_info, _add_convert, _add_eval, _add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

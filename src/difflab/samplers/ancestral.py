@@ -53,10 +53,13 @@ def sample_ancestral(
     callback: Callable[[dict[str, Any]], None] | None = None,
     model_kwargs: dict | None = None,
     progress: bool = False,
+    end: int = 0,
 ) -> Tensor:
     """Draw x_0 by ancestral sampling from x_T (a tensor, or a shape to draw N(0, I) from ``generator``).
 
     ``steps`` respaces the process first (e.g. 250, "ddim50", "10,10,3,2,2"; see ``Process.respace``).
+    ``end = 1`` stops the chain at the noise level of the first kept step (a truncated chain:
+    :func:`difflab.augment.sample_truncated`).
     """
     denoiser = denoiser.respace(steps)
     x = initial_state(x_T, generator)
@@ -67,4 +70,4 @@ def sample_ancestral(
             generator=generator, model_kwargs=model_kwargs,
         )
 
-    return reverse_loop(denoiser, x, step, callback, progress)
+    return reverse_loop(denoiser, x, step, callback, progress, end)

@@ -38,12 +38,17 @@ def reverse_loop(
     step: StepFn,
     callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    end: int = 0,
 ) -> Tensor:
-    """Run ``step(x, t)`` for t = T-1, ..., 0 of ``denoiser``'s process and return the final sample.
+    """Run ``step(x, t)`` for t = T-1, ..., ``end`` of ``denoiser``'s process and return the last state:
+    x_0 for ``end = 0``; for ``end = 1`` the state at the noise level of step 0, x ~ q(x_{t_0} | ...), where
+    a chain is truncated (CDM's truncated conditioning augmentation: :mod:`difflab.augment`).
 
     ``callback`` receives ``{"i", "t", "x", "pred_xstart"}`` after each step (i counts from 0).
     """
-    steps = range(denoiser.num_timesteps - 1, -1, -1)
+    if not 0 <= end < max(denoiser.num_timesteps, 1):
+        raise ValueError(f"end must be in 0..{denoiser.num_timesteps - 1} (the process's steps), got {end}")
+    steps = range(denoiser.num_timesteps - 1, end - 1, -1)
     if progress:
         from tqdm.auto import tqdm
 

@@ -86,8 +86,10 @@ def sample_ddim(
     callback: Callable[[dict[str, Any]], None] | None = None,
     model_kwargs: dict | None = None,
     progress: bool = False,
+    end: int = 0,
 ) -> Tensor:
-    """Draw x_0 with DDIM from x_T (a tensor or a shape); ``steps`` respaces the process first."""
+    """Draw x_0 with DDIM from x_T (a tensor or a shape); ``steps`` respaces the process first; ``end = 1``
+    stops at the noise level of the first kept step (:func:`difflab.augment.sample_truncated`)."""
     denoiser = denoiser.respace(steps)
     x = initial_state(x_T, generator)
 
@@ -97,7 +99,7 @@ def sample_ddim(
             generator=generator, model_kwargs=model_kwargs,
         )
 
-    return reverse_loop(denoiser, x, step, callback, progress)
+    return reverse_loop(denoiser, x, step, callback, progress, end)
 
 
 @torch.no_grad()

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from test_samplers_mixture import MIX_1D, N, assert_reproduces, optimal_denoiser, x_T
 
 from difflab import Process, sample_ancestral, sample_ddim
 from difflab.augment import blur_augment, level_embedding, noise_augment, sample_truncated, truncation_steps
 from difflab.process import q_sample
 from difflab.toy import GaussianMixture
+from test_samplers_mixture import MIX_1D, assert_reproduces, optimal_denoiser, x_T
 
 PROCESS = Process.named("cosine", 1000)
 

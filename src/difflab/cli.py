@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -238,7 +239,27 @@ def _run_data_scan(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-_SUBCOMMANDS = [_add_train, _add_sample, _add_nll, _add_info, _add_convert, _add_eval, _add_data]
+def _add_gather(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gather", help="write the whole weights of a sharded (train.parallel: fsdp) checkpoint",
+                       description="Concatenate the per-rank shards of an FSDP checkpoint into model.safetensors and "
+                       "ema_RATE.safetensors beside them (docs/training.md); sampling reads them like any run's.")
+    p.add_argument("run", metavar="RUN", help="run folder (its latest checkpoint) or a ckpt_XXXXXXX folder")
+    p.add_argument("--checkpoint", metavar="STEP", help="a checkpoint step of RUN (default: the latest)")
+    p.set_defaults(func=_run_gather)
+
+
+def _run_gather(args: argparse.Namespace) -> int:
+    from difflab.build import find_checkpoint
+    from difflab.train.checkpoint import MANIFEST, gather_checkpoint
+
+    run = args.run
+    ckpt = run if (Path(run) / MANIFEST).is_file() else find_checkpoint(run, args.checkpoint)
+    for path in gather_checkpoint(ckpt):
+        print(path)
+    return 0
+
+
+_SUBCOMMANDS = [_add_train, _add_sample, _add_nll, _add_info, _add_convert, _add_eval, _add_data, _add_gather]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import safetensors.torch
 import torch
 from train_helpers import ROOT, TINY, TINY_SET, run_cli, sets, subprocess_env, weights
 
-from difflab.train.checkpoint import checkpoint_shards, gather_checkpoint, latest_checkpoint, load_weights
+from difflab.cli import main
+from difflab.train.checkpoint import checkpoint_shards, latest_checkpoint, load_weights, verify_checkpoint
 from difflab.train.metrics import read_metrics
 
 # micro-batches (no reduce-scatter before the last), two EMAs, label dropout drawn for the global batch
@@ -77,11 +79,15 @@ def test_sharded_run_resumes_exactly(runs):
     assert keep == [{k: v for k, v in r.items() if k != "img/s"} for r in read_metrics(runs["split"] / "metrics.jsonl")]
 
 
-def test_gathered_checkpoint_is_the_whole_weights_and_samples(runs, tmp_path):
+def test_gathered_checkpoint_is_the_whole_weights_and_samples(runs, tmp_path, capsys):
     ckpt = latest_checkpoint(runs["two"])
     in_memory = load_weights(ckpt, "ema_0.99")
-    written = gather_checkpoint(ckpt)
+    assert main(["gather", str(runs["two"])]) == 0
+    written = [Path(line) for line in capsys.readouterr().out.split()]
     assert sorted(p.name for p in written) == ["ema_0.9.safetensors", "ema_0.99.safetensors", "model.safetensors"]
+    assert checkpoint_shards(ckpt) == 2 and verify_checkpoint(ckpt)["files"].keys() >= {p.name for p in written}
+    assert main(["gather", str(runs["one"])]) == 2  # a whole checkpoint: one line, nothing written
+    assert "is not sharded" in capsys.readouterr().err
     on_disk = safetensors.torch.load_file(ckpt / "ema_0.99.safetensors")
     assert all(torch.equal(on_disk[k], in_memory[k]) for k in in_memory)
     # the shards are chunks of dim 0: a weight's two shards concatenate to the whole

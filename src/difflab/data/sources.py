@@ -24,6 +24,7 @@ from difflab.data.images import (
     load_mnist5k,
     load_npz,
 )
+from difflab.data.scenes import SCENE_SIZES, SceneDataset
 
 if TYPE_CHECKING:
     from difflab.config import DataConfig
@@ -106,6 +107,8 @@ def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
                 f"data.class_cond is true but the image folder {cfg.path} has no class subfolders"
             )
         return ds
+    elif cfg.source == "scenes":
+        return _scene_dataset(cfg)
     elif cfg.source == "none":
         raise ValueError("data.source is 'none' (a converted checkpoint: no images to train on or score against); "
                          "set data.source to mnist5k, digits, folder or npz")
@@ -132,6 +135,22 @@ def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
         random_flip=cfg.random_flip,
         flip_seed=seed,
     )
+
+
+def _scene_dataset(cfg: DataConfig):
+    """Captioned MNIST scenes (:class:`~difflab.data.scenes.SceneDataset`): ``split`` (null = train),
+    ``scene_seed``, ``num_scenes`` (null = 20,000 train / 1,000 test), ``image_size`` 16, 32 or 64."""
+    split = cfg.split or "train"
+    if split == "all":
+        raise ValueError("data.split='all' does not apply to source 'scenes'; use 'train' (scenes of train digits) "
+                         "or 'test' (the reference scenes)")
+    if cfg.image_size not in SCENE_SIZES:
+        raise ValueError(f"data.image_size={cfg.image_size} is not a scene render size; valid for source 'scenes': "
+                         + ", ".join(map(str, SCENE_SIZES)))
+    if cfg.channels not in (None, 3):
+        raise ValueError(f"data.channels={cfg.channels} but scenes are RGB (3 channels); set channels to 3 or null")
+    return SceneDataset(split, seed=cfg.scene_seed, num_scenes=cfg.num_scenes, image_size=cfg.image_size,
+                        random_flip=cfg.random_flip)
 
 
 def _whole_set_split(cfg: DataConfig) -> None:

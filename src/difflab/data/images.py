@@ -546,7 +546,7 @@ class FileImageDataset(_ImageDataset):
         """Check ``files`` and keep the readable ones with their labels and captions.
 
         ``what`` names the data in messages ("image folder X"), ``origin`` says where the files come
-        from ("under X"), ``name(path)`` shows one file; ``scan`` is what ``difflab data scan`` reads.
+        from ("under X"), ``name(path)`` shows one file, ``scan`` is the path to give ``difflab data scan``.
         """
         opts = self._options
         keep: list[int] = []

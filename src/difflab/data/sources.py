@@ -63,18 +63,44 @@ class IndexedBatches:
 
 
 def build_source(cfg: DataConfig, *, seed: int, rank: int = 0, world: int = 1, local_batch: int) -> BatchSource:
-    """What the training loop reads for ``cfg`` on this rank (see the module docstring)."""
+    """What the training loop reads for ``cfg`` on this rank (see the module docstring): webdataset
+    shards are streamed (:class:`~difflab.data.webdataset.WebDatasetSource`), every other source is
+    a map-style dataset read through :class:`IndexedBatches`; ``data.low_res_size`` adds ``low_res``."""
+    if cfg.source == "webdataset":
+        return _paired(_webdataset_source(cfg, seed=seed, rank=rank, world=world, local_batch=local_batch), cfg)
     return IndexedBatches(build_dataset(cfg, seed=seed), seed=seed, rank=rank, world=world, local_batch=local_batch)
-
 
 
 def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
     """The dataset a :class:`difflab.config.DataConfig` describes.
 
-    ``seed`` drives the random flips (pass the training seed). Checks that the data fits the
-    config: ``channels`` (when set) must match, ``class_cond`` needs labels, MNIST / digits / npz
-    images are padded up to ``image_size`` (never shrunk).
+    ``seed`` drives the random flips and crops (pass the training seed). Checks that the data fits
+    the config: ``channels`` (when set) must match, ``class_cond`` needs labels, ``captions`` needs
+    captions, MNIST / digits / npz images are padded up to ``image_size`` (never shrunk, unless
+    ``random_crop``). With ``data.low_res_size`` the dataset is wrapped in
+    :class:`~difflab.data.pairs.LowResPairs` (its ``get_items`` adds ``low_res``).
     """
+    ds = _dataset(cfg, seed=seed)
+    if cfg.random_crop and not getattr(ds, "random_crop", False):
+        raise ValueError(f"data.random_crop is not available for source {cfg.source!r}; it is for folder, manifest, "
+                         "webdataset, npz, mnist5k and digits")
+    return _paired(ds, cfg)
+
+
+def _paired(data, cfg: DataConfig):
+    """``data`` (a dataset or a batch source), with ``low_res`` added when ``data.low_res_size`` is set."""
+    if cfg.low_res_size is None:
+        return data
+    from difflab.data.pairs import LowResPairs
+
+    return LowResPairs(data, cfg.low_res_size)
+
+
+def _dataset(cfg: DataConfig, *, seed: int) -> _ImageDataset:
+    """:func:`build_dataset` before the low-res wrapper."""
+    if cfg.captions and cfg.source in ("mnist5k", "digits", "npz"):
+        raise ValueError(f"data.captions is true but source {cfg.source!r} has no captions; captioned sources: "
+                         "folder (x.txt beside each x.png), manifest, webdataset, scenes")
     split = cfg.split
     if cfg.source in ("mnist5k", "digits"):
         split = split or "train"
@@ -88,25 +114,11 @@ def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
         images, labels = load_npz(cfg.path)
         num_classes = None
         native_channels = images.shape[-1]
-    elif cfg.source == "folder":
-        _whole_set_split(cfg)
-        if not cfg.path:
-            raise ValueError("data.path must name an image folder for source 'folder'")
-        ds = ImageFolderDataset(
-            cfg.path,
-            cfg.image_size,
-            channels=cfg.channels,
-            random_flip=cfg.random_flip,
-            flip_seed=seed,
-            on_broken=cfg.on_broken,
-            cache=cfg.cache,
-            num_workers=cfg.num_workers,
-        )
-        if cfg.class_cond and ds.num_classes is None:
-            raise ValueError(
-                f"data.class_cond is true but the image folder {cfg.path} has no class subfolders"
-            )
-        return ds
+    elif cfg.source in ("folder", "manifest"):
+        return _file_dataset(cfg, seed=seed)
+    elif cfg.source == "webdataset":
+        raise ValueError("data.source 'webdataset' is streamed, not indexable: read it with build_source (what "
+                         "difflab train reads); for evaluation, use a folder, a manifest or an .npz")
     elif cfg.source == "scenes":
         return _scene_dataset(cfg)
     elif cfg.source == "none":
@@ -122,7 +134,10 @@ def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
     if cfg.class_cond and labels is None:
         raise ValueError(f"data.class_cond is true but {cfg.path} has no arr_1 labels")
     h, w = images.shape[1:3]
-    if cfg.image_size < max(h, w):
+    if cfg.random_crop and cfg.image_size > min(h, w):
+        raise ValueError(f"data.random_crop: the {cfg.source} images ({h}x{w}) are smaller than "
+                         f"data.image_size={cfg.image_size}; random crops need images at least that large")
+    if cfg.image_size < max(h, w) and not cfg.random_crop:
         raise ValueError(
             f"data.image_size={cfg.image_size} is smaller than the {cfg.source} images ({h}x{w}); "
             f"use image_size >= {max(h, w)} (extra border is padded with the background -1)"
@@ -134,7 +149,41 @@ def build_dataset(cfg: DataConfig, *, seed: int = 0) -> _ImageDataset:
         num_classes=num_classes,
         random_flip=cfg.random_flip,
         flip_seed=seed,
+        random_crop=cfg.random_crop,
     )
+
+
+def _file_dataset(cfg: DataConfig, *, seed: int) -> _ImageDataset:
+    """An image folder (:class:`~difflab.data.images.ImageFolderDataset`) or a JSONL manifest
+    (:class:`~difflab.data.manifest.ManifestDataset`): one set each, decoded per batch."""
+    from difflab.data.manifest import ManifestDataset
+
+    _whole_set_split(cfg)
+    kind = ImageFolderDataset if cfg.source == "folder" else ManifestDataset
+    if not cfg.path:
+        raise ValueError(f"data.path must name {'an image folder' if kind is ImageFolderDataset else 'a .jsonl'} "
+                         f"for source {cfg.source!r}")
+    ds = kind(cfg.path, cfg.image_size, channels=cfg.channels, random_flip=cfg.random_flip, flip_seed=seed,
+              on_broken=cfg.on_broken, cache=cfg.cache, num_workers=cfg.num_workers, captions=cfg.captions,
+              random_crop=cfg.random_crop)
+    if cfg.class_cond and ds.num_classes is None:
+        what = "the image folder {} has no class subfolders" if kind is ImageFolderDataset else \
+            "the manifest {} has no 'label' key"
+        raise ValueError("data.class_cond is true but " + what.format(cfg.path))
+    return ds
+
+
+def _webdataset_source(cfg: DataConfig, *, seed: int, rank: int, world: int, local_batch: int):
+    """Streamed webdataset shards (:class:`~difflab.data.webdataset.WebDatasetSource`)."""
+    from difflab.data.webdataset import WebDatasetSource
+
+    _whole_set_split(cfg)
+    if cfg.cache:
+        raise ValueError("data.cache does not apply to source 'webdataset': shards are streamed, not kept in memory")
+    return WebDatasetSource(cfg.path, image_size=cfg.image_size, seed=seed, rank=rank, world=world,
+                            local_batch=local_batch, channels=cfg.channels, captions=cfg.captions,
+                            class_cond=cfg.class_cond, random_flip=cfg.random_flip, random_crop=cfg.random_crop,
+                            num_workers=cfg.num_workers)
 
 
 def _scene_dataset(cfg: DataConfig):
@@ -156,6 +205,7 @@ def _scene_dataset(cfg: DataConfig):
 def _whole_set_split(cfg: DataConfig) -> None:
     if cfg.split not in (None, "all"):
         raise ValueError(
-            f"data.split={cfg.split!r} does not apply to source {cfg.source!r}: a folder or .npz is one set; "
+            f"data.split={cfg.split!r} does not apply to source {cfg.source!r}: a folder, .npz, manifest or set "
+            "of shards is one set; "
             "point data.path at the split you want and leave data.split unset (or 'all')"
         )

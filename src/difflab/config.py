@@ -317,6 +317,37 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Conditioning augmentation of a super-resolution stage's low-res input (CDM Sec. 4.2; difflab.augment)."""
+
+    # none; noise = z_s ~ q(z_s | z_0) of the augmentation process, s fed as a second timestep embedding
+    # (model.cond_dim); blur = a Gaussian blur on a fraction of the examples, none at sampling
+    kind: Literal["none", "noise", "blur"] = "none"
+    # noise: the augmentation process, the low-res stage's own noise process (truncated sampling needs it)
+    schedule: Literal["linear", "cosine"] = "cosine"
+    steps: int = 1000
+    # noise: training draws s uniformly from 0..max_level per example (0 = none); null = steps
+    max_level: int | None = None
+    # blur: sigma (low-res pixels) uniform in this range, on a fraction blur_prob of the examples
+    blur_sigma: tuple[float, float] = (0.4, 0.6)
+    blur_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        _require(self, self.steps >= 2, "steps", "must be >= 2")
+        ok = self.max_level is None or 0 <= self.max_level <= self.steps
+        _require(self, ok, "max_level", f"must be null or in [0, steps={self.steps}]")
+        lo, hi = self.blur_sigma
+        _require(self, 0 <= lo <= hi, "blur_sigma", "must be [lo, hi] with 0 <= lo <= hi")
+        _require(self, 0 <= self.blur_prob <= 1, "blur_prob", "must be in [0, 1]")
+
+    @property
+    def levels(self) -> int:
+        """The largest training level s."""
+        return self.steps if self.max_level is None else self.max_level
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """What to train on; see :func:`difflab.data.build_dataset`."""
 
@@ -457,6 +488,8 @@ class SampleConfig:
     bf16: bool = False
     # sample from this EMA (null = the first of train.ema_rates)
     ema_rate: float | None = None
+    # a noise-augmented super-resolution stage: the level s of its low-res conditioning (0 = clean; CDM Sec. 4.2)
+    aug_level: int = 0
     # seeds the sampling noise
     seed: int = 0
 
@@ -469,6 +502,7 @@ class SampleConfig:
         _require(self, self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
         _require(self, self.classifier_scale >= 0, "classifier_scale", "must be >= 0")
         _require(self, self.seed >= 0, "seed", "must be >= 0")
+        _require(self, self.aug_level >= 0, "aug_level", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -485,6 +519,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     # sampling defaults
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # a super-resolution stage's conditioning augmentation (CDM; docs/cascade.md)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):
@@ -527,6 +563,30 @@ class Config:
         size = getattr(m, "image_size", None)
         if size is not None and size != self.data.image_size:
             raise ConfigError(("data", "image_size"), f"is {self.data.image_size} but model.image_size is {size}")
+        self._check_super_resolution()
+
+    def _check_super_resolution(self) -> None:
+        """A super-resolution stage (model.low_res_channels > 0) trains on low-res / high-res pairs."""
+        m, a = self.model, self.augment
+        low = getattr(m, "low_res_channels", 0)
+        if low and self.data.low_res_size is None and self.data.source != "none":
+            raise ConfigError(("data", "low_res_size"), f"must be set: model.low_res_channels is {low} (a super-"
+                                                        "resolution stage trains on low-res / high-res pairs)")
+        if not low and self.data.low_res_size is not None:
+            raise ConfigError(("model", "low_res_channels"), "must be > 0 when data.low_res_size is set")
+        if low and low != m.in_channels:
+            raise ConfigError(("model", "low_res_channels"), f"must equal model.in_channels ({m.in_channels})")
+        if a.kind != "none" and not low:
+            raise ConfigError(("augment", "kind"), f"is {a.kind!r} but the model takes no low-res input "
+                                                  "(model.low_res_channels: 0)")
+        if a.kind == "noise" and getattr(m, "cond_dim", None) is None:
+            raise ConfigError(("model", "cond_dim"), "must be set for augment.kind 'noise': the level s is fed "
+                                                    "as a second timestep embedding of that width")
+        level = self.sample.aug_level
+        if level and a.kind != "noise":
+            raise ConfigError(("sample", "aug_level"), "needs augment.kind 'noise' (the level the model was told)")
+        if level > a.steps:
+            raise ConfigError(("sample", "aug_level"), f"must be in [0, augment.steps={a.steps}]")
 
 
 @dataclass(frozen=True)

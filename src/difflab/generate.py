@@ -8,6 +8,7 @@ Class-conditional runs draw label ``label`` for every image, or labels 0, 1, ...
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ import torch
 from difflab.build import module_device
 from difflab.config import Config
 from difflab.denoiser import Denoiser
+from difflab.process import Process
 from difflab.train import distributed as dist_utils
 
 
@@ -113,6 +115,10 @@ def draw_samples(
     classifier=None,
     classifier_scale: float | None = None,
     bf16: bool | None = None,
+    low_res: torch.Tensor | None = None,
+    aug_level: int | None = None,
+    low_res_noised: bool = False,
+    truncate_at: int = 0,
     distributed: bool = True,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,6 +134,14 @@ def draw_samples(
     ``bf16`` runs the networks under bf16 autocast (the samplers' arithmetic stays float32).
     With ``distributed`` and an initialised process group, the batches are split across ranks and
     every rank returns all ``n`` samples.
+
+    A super-resolution stage (``model.low_res_channels > 0``) takes ``low_res`` [n, C, s, s] in [-1, 1],
+    the images it upsamples (CDM). With noise augmentation (``augment.kind: noise``) it is told the level
+    ``aug_level`` (default ``sample.aug_level``): ``low_res`` is z_0, noised here to z_s ~ q(z_s | z_0)
+    with each batch's generator (non-truncated), or, with ``low_res_noised``, already z_s (the output of
+    a chain truncated at s). ``truncate_at`` = s > 0 stops this model's own chain at level s instead of
+    x_0 (:func:`difflab.augment.sample_truncated`; ancestral and ddim), for a next stage's truncated
+    conditioning.
     """
     sc = cfg.sample
     guidance_scale = sc.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -159,6 +173,14 @@ def draw_samples(
         info = getattr(classifier, "diffusion_info", None)
         num_classes = info.num_classes if info is not None else classifier.config.out_channels
     labels = _labels(num_classes, n, label)
+    condition = _LowRes(cfg, low_res, n, cfg.sample.aug_level if aug_level is None else aug_level, low_res_noised)
+    if truncate_at:
+        from difflab.augment import sample_truncated
+
+        if "end" not in inspect.signature(fn).parameters:
+            raise ValueError(f"a chain truncated at level {truncate_at} needs the ancestral or ddim sampler, "
+                             f"not {name!r}")
+        fn = functools.partial(sample_truncated, fn, s=truncate_at)
     denoiser = _guided(denoiser, cfg, guidance_scale, classifier, classifier_scale)
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     rank, world = (dist_utils.get_rank(), dist_utils.get_world_size()) if distributed else (0, 1)
@@ -167,11 +189,51 @@ def draw_samples(
         lo, hi = k * batch, min(n, (k + 1) * batch)
         g = torch.Generator(device).manual_seed(_batch_seed(seed, k))
         x_T = torch.randn((hi - lo, *shape), generator=g, device=device)
-        model_kwargs = {"y": labels[lo:hi].to(device)} if labels is not None else None
+        model_kwargs = {"y": labels[lo:hi].to(device)} if labels is not None else {}
+        model_kwargs.update(condition.kwargs(lo, hi, g, device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = fn(denoiser, x_T, generator=g, model_kwargs=model_kwargs, progress=progress, **kwargs)
+            x = fn(denoiser, x_T, generator=g, model_kwargs=model_kwargs or None, progress=progress, **kwargs)
         mine.append((k, x.float().cpu()))
     return _gather(mine, n, shape, world), labels
+
+
+class _LowRes:
+    """A super-resolution stage's low-res conditioning, batch by batch (see :func:`draw_samples`)."""
+
+    def __init__(self, cfg: Config, low_res: torch.Tensor | None, n: int, level: int, noised: bool) -> None:
+        channels = getattr(cfg.model, "low_res_channels", 0)
+        self.cfg, self.low_res, self.level, self.noised = cfg, low_res, int(level), noised
+        if not channels:
+            if low_res is not None:
+                raise ValueError("this model takes no low-res input (it is not a super-resolution stage)")
+            return
+        side = cfg.data.low_res_size
+        if low_res is None:
+            raise ValueError(f"this super-resolution stage needs low-res images ({channels}x{side}x{side}, e.g. "
+                             "--low-res FILE.npz or a cascade)")
+        if tuple(low_res.shape) != (n, channels, side, side):
+            raise ValueError(f"low-res images are {list(low_res.shape)}, this stage takes {[n, channels, side, side]} "
+                             f"(n, model.low_res_channels, data.low_res_size, data.low_res_size)")
+        kind = cfg.augment.kind
+        if self.level and kind != "noise":
+            raise ValueError(f"aug_level {self.level} needs a stage trained with noise augmentation "
+                             f"(augment.kind: noise); this one has augment.kind {kind!r}")
+        if not 0 <= self.level <= cfg.augment.steps:
+            raise ValueError(f"aug_level must be in 0..{cfg.augment.steps} (augment.steps), got {self.level}")
+        self.process = Process.named(cfg.augment.schedule, cfg.augment.steps) if kind == "noise" else None
+
+    def kwargs(self, lo: int, hi: int, g: torch.Generator, device) -> dict[str, torch.Tensor]:
+        if self.low_res is None:
+            return {}
+        from difflab.augment import level_embedding, noise_augment
+
+        z = self.low_res[lo:hi].to(device=device, dtype=torch.float32)
+        if self.process is None:
+            return {"low_res": z}
+        if self.level and not self.noised:
+            z = noise_augment(z, self.level, self.process, generator=g)
+        s = torch.full((hi - lo,), self.level, dtype=torch.long, device=device)
+        return {"low_res": z, "cond": level_embedding(s, self.cfg.model.cond_dim).to(device)}
 
 
 def _gather(mine: list[tuple[int, torch.Tensor]], n: int, shape: tuple[int, ...], world: int) -> torch.Tensor:

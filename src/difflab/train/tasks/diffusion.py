@@ -17,6 +17,7 @@ from torch import nn
 
 from difflab.build import build_denoiser, build_model, build_timestep_sampler, default_ema_rate, training_loss_type
 from difflab.losses import training_losses
+from difflab.process import Process
 from difflab.timesteps import LossSecondMomentResampler
 from difflab.train import distributed as dist_utils
 from difflab.train.tasks.base import Task
@@ -41,6 +42,11 @@ class DiffusionTask(Task):
         self.loss_type = training_loss_type(cfg.diffusion)
         self.timestep_sampler = build_timestep_sampler(cfg)
         self._denoisers: dict[int, Any] = {}
+        self.augment = cfg.augment
+        if self.augment.kind != "none":  # a super-resolution stage's conditioning augmentation
+            self.generator_names = (*self.generator_names, "augment")
+            self.device_generators = (*self.device_generators, "augment")
+            self.augment_process = Process.named(self.augment.schedule, self.augment.steps)
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg)
@@ -61,16 +67,47 @@ class DiffusionTask(Task):
         if self.cfg.data.class_cond and self.cfg.diffusion.p_uncond > 0:
             # the same Bernoulli(p_uncond) coins as guidance.drop_labels, drawn for the global batch
             out["drop"] = torch.rand(batch_size, generator=generators["labels"]) < self.cfg.diffusion.p_uncond
+        if self.augment.kind != "none":
+            out.update(self._augment_draws(batch_size, batch["low_res"].shape[1:], generators["augment"]))
         return out
 
+    def _augment_draws(self, batch_size: int, shape, g: torch.Generator) -> dict[str, Tensor]:
+        """CDM conditioning augmentation for the global batch: noise levels s ~ U{0..max_level} and their
+        eps, or blur sigmas (0 for the examples left sharp)."""
+        a = self.augment
+        if a.kind == "noise":
+            s = torch.randint(0, a.levels + 1, (batch_size,), generator=g, device=g.device)
+            return {"aug_level": s, "aug_noise": torch.randn((batch_size, *shape), generator=g, device=g.device)}
+        lo, hi = a.blur_sigma
+        coins = torch.rand(batch_size, generator=g, device=g.device, dtype=torch.float64)
+        sigma = lo + (hi - lo) * torch.rand(batch_size, generator=g, device=g.device, dtype=torch.float64)
+        return {"aug_sigma": torch.where(coins < a.blur_prob, sigma, torch.zeros_like(sigma))}
+
     def model_kwargs(self, batch: dict[str, Any], draws: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The network's ``**cond``: the label (the null label where dropped) for class-conditional runs."""
-        if not self.cfg.data.class_cond:
-            return {}
-        y = batch["y"]
-        if "drop" in draws:  # classifier-free training: the null label num_classes (CFG Alg. 1)
-            y = torch.where(draws["drop"], torch.full_like(y, self.cfg.model.num_classes), y)
-        return {"y": y}
+        """The network's ``**cond``: the label (the null label where dropped) for class-conditional runs;
+        the (augmented) low-res image, and its level's embedding, for a super-resolution stage."""
+        out = {}
+        if self.cfg.data.class_cond:
+            y = batch["y"]
+            if "drop" in draws:  # classifier-free training: the null label num_classes (CFG Alg. 1)
+                y = torch.where(draws["drop"], torch.full_like(y, self.cfg.model.num_classes), y)
+            out["y"] = y
+        if getattr(self.cfg.model, "low_res_channels", 0):
+            out.update(self.low_res_kwargs(batch["low_res"], draws))
+        return out
+
+    def low_res_kwargs(self, low_res: Tensor, draws: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``low_res`` (augmented as the draws say) and, under noise augmentation, ``cond`` = the level's
+        sinusoidal embedding [N, cond_dim] (CDM: s is a second timestep embedding)."""
+        from difflab.augment import blur_augment, level_embedding, noise_augment
+
+        if self.augment.kind == "noise":
+            s = draws["aug_level"]
+            z = noise_augment(low_res, s, self.augment_process, draws["aug_noise"].to(low_res.dtype))
+            return {"low_res": z, "cond": level_embedding(s, self.cfg.model.cond_dim).to(low_res.device)}
+        if self.augment.kind == "blur":
+            return {"low_res": blur_augment(low_res, draws["aug_sigma"])}
+        return {"low_res": low_res}
 
     def losses(self, model: nn.Module, batch: dict[str, Any], draws: dict[str, Tensor]) -> dict[str, Tensor]:
         return training_losses(self._denoiser(model), batch["x0"], draws["t"], loss_type=self.loss_type,
@@ -103,7 +140,11 @@ class DiffusionTask(Task):
         from difflab.generate import draw_samples
         from difflab.images import save_grid, to_uint8
 
-        x, _ = draw_samples(build_denoiser(self.cfg, net), self.cfg, n=GRID_IMAGES, distributed=False,
+        n, low_res = GRID_IMAGES, None
+        if getattr(self.cfg.model, "low_res_channels", 0):  # a super-resolution stage: the first batch's low-res
+            low_res = trainer.source.batch(0)["low_res"][:GRID_IMAGES]
+            n = len(low_res)
+        x, _ = draw_samples(build_denoiser(self.cfg, net), self.cfg, n=n, low_res=low_res, distributed=False,
                             progress=False)
         path = trainer.run_dir / "samples" / f"step_{trainer.step:07d}.png"
         save_grid(to_uint8(x, self.cfg.data), path)

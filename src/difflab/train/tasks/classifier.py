@@ -55,7 +55,8 @@ class ClassifierTask(Task):
 
     def build_source(self, *, rank: int, world: int, local_batch: int) -> BatchSource:
         source = super().build_source(rank=rank, world=world, local_batch=local_batch)
-        classes = getattr(getattr(source, "dataset", None), "num_classes", None)
+        # a map-style dataset behind IndexedBatches, or a streamed source (webdataset shards) itself
+        classes = getattr(getattr(source, "dataset", source), "num_classes", None)
         if classes is None:
             raise ValueError(f"the classifier needs labelled data; the {self.cfg.data.source} data has no labels")
         if classes != self.cfg.classifier.out_channels:

@@ -137,6 +137,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    "(default: sample.bf16)")
     p.add_argument("--grid", metavar="FILE.png", help="write a PNG grid here")
     p.add_argument("--npz", metavar="FILE.npz", help="write the images and labels here")
+    p.add_argument("--low-res", metavar="FILE.npz", help="a super-resolution run: the images to upsample (e.g. a "
+                   "base run's --npz; --n defaults to their number)")
+    p.add_argument("--aug-level", type=int, metavar="S", help="a noise-augmented super-resolution run: the level s "
+                   "of its low-res conditioning (CDM; default: sample.aug_level)")
+    p.add_argument("--stages", metavar="DIR", help="a cascade file: also write each stage's stage_K.png / .npz here")
     p.add_argument("--eval", action="store_true", help="then evaluate the samples (with their labels) as "
                    "difflab eval does and print its JSON; checked before sampling, sharded under torchrun")
     add_reference_arguments(p.add_argument_group("evaluation (with --eval)"), defaults=False)
@@ -147,13 +152,18 @@ def _run_sample(args: argparse.Namespace) -> int:
     import json
 
     from difflab.generate import sample_and_evaluate, sample_run
+    from difflab.pipelines.cascade import is_cascade_file
     from difflab.train.distributed import is_main
 
+    if is_cascade_file(args.run):
+        return _run_sample_cascade(args)
+    if args.stages is not None:
+        raise ValueError("--stages: only for a cascade file (difflab sample CASCADE.yaml)")
     kwargs = dict(n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, label=args.label, seed=args.seed,
                   batch=args.batch, guidance_scale=args.guidance, classifier=args.classifier,
                   classifier_scale=args.classifier_scale, bf16=args.bf16, grid=args.grid, npz=args.npz,
-                  ema=args.ema,
-                  checkpoint=args.checkpoint, progress=not args.quiet)
+                  ema=args.ema, checkpoint=args.checkpoint, low_res=args.low_res, aug_level=args.aug_level,
+                  progress=not args.quiet)
     given = [flag for flag, value in (("--ref", args.ref), ("--features", args.features),
                                       ("--inception-weights", args.inception_weights)) if value is not None]
     if not args.eval:
@@ -167,6 +177,24 @@ def _run_sample(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if metrics is not None and is_main():
         print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _run_sample_cascade(args: argparse.Namespace) -> int:
+    """``difflab sample CASCADE.yaml``: per-stage settings live in the file (docs/cascade.md)."""
+    from difflab.generate import sample_cascade_file
+
+    per_stage = [flag for flag, value in (
+        ("--sampler", args.sampler), ("--steps", args.steps), ("--eta", args.eta), ("--guidance", args.guidance),
+        ("--classifier", args.classifier), ("--classifier-scale", args.classifier_scale), ("--ema", args.ema),
+        ("--checkpoint", args.checkpoint), ("--low-res", args.low_res), ("--aug-level", args.aug_level),
+        ("--bf16", args.bf16), ("--eval", args.eval or None)) if value is not None]
+    if per_stage:
+        raise ValueError(f"{', '.join(per_stage)}: set per stage in the cascade file {args.run} (valid here: --n, "
+                         "--seed, --label, --batch, --grid, --npz, --stages)")
+    for path in sample_cascade_file(args.run, n=args.n, seed=args.seed, label=args.label, batch=args.batch,
+                                    grid=args.grid, npz=args.npz, stages_dir=args.stages, progress=not args.quiet):
+        print(f"wrote {path}")
     return 0
 
 

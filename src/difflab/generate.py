@@ -286,6 +286,8 @@ def sample_run(
     npz=None,
     ema: str | float | None = None,
     checkpoint=None,
+    low_res=None,
+    aug_level: int | None = None,
     progress: bool = False,
     evaluate: dict | None = None,
 ) -> tuple[list, dict | None]:
@@ -297,6 +299,8 @@ def sample_run(
     ``label`` (an index or ``"all"``), ``guidance_scale`` w, ``classifier`` (a classifier file or run
     folder; default ``sample.classifier``), ``classifier_scale`` s and ``bf16``: see :func:`draw_samples`.
     Without ``grid`` and ``npz`` both are written to ``RUN/samples/<sampler>_<n>[_w<w>][_s<s>].{png,npz}``.
+    A super-resolution run takes ``low_res``, an ``.npz`` of the images to upsample (e.g. a base run's
+    samples; ``n`` defaults to their number), at conditioning level ``aug_level`` (see :func:`draw_samples`).
     """
     from pathlib import Path
 
@@ -323,10 +327,18 @@ def sample_run(
         from difflab.train.classifier import load_classifier
 
         classifier = load_classifier(classifier, device=info.device)
+    if low_res is not None:
+        from difflab.data import load_npz, uint8_to_float
+
+        low_res = uint8_to_float(load_npz(low_res)[0])
+        n = len(low_res) if n is None else n
+        if n != len(low_res):
+            raise ValueError(f"--n {n} but the low-res file holds {len(low_res)} images (one sample each)")
     cfg, _, denoiser = load_run(run_dir, ema=resolve_ema(cfg, ema), checkpoint=checkpoint, device=info.device)
     x, labels = draw_samples(denoiser, cfg, n=n, sampler=name, steps=steps, eta=eta, label=label, seed=seed,
                              batch=batch, guidance_scale=guidance_scale, classifier=classifier,
-                             classifier_scale=classifier_scale, bf16=bf16, progress=progress and info.rank == 0)
+                             classifier_scale=classifier_scale, bf16=bf16, low_res=low_res, aug_level=aug_level,
+                             progress=progress and info.rank == 0)
     images = to_uint8(x, cfg.data) if info.rank == 0 or evaluator is not None else None
     labels = labels.numpy() if labels is not None else None
     written = []
@@ -346,3 +358,50 @@ def sample_run(
     # the files are on disk before the (possibly long) evaluation; every rank takes part in it
     metrics = evaluator(images, labels) if evaluator is not None else None
     return written, metrics
+
+
+def sample_cascade_file(path, *, n: int | None = None, seed: int | None = None, label=None, batch: int | None = None,
+                        grid=None, npz=None, stages_dir=None, progress: bool = False) -> list:
+    """``difflab sample CASCADE.yaml``: every stage of :mod:`difflab.pipelines.cascade` in turn (sharded
+    under torchrun), the last stage's images to ``grid`` / ``npz`` (default ``<cascade>.png`` / ``.npz``
+    beside the file) and, with ``stages_dir``, each stage's to ``stage_K.{png,npz}`` there (rank 0;
+    refused if they exist). Returns the paths written."""
+    from pathlib import Path
+
+    from difflab.images import save_grid, save_npz, to_uint8
+    from difflab.pipelines.cascade import build_cascade, load_cascade, sample_cascade
+
+    info = dist_utils.init_distributed()
+    cascade = load_cascade(path, n=n, seed=seed, label=label, batch=batch)
+    for file, suffix in ((grid, ".png"), (npz, ".npz")):
+        if file is not None and Path(file).suffix.lower() != suffix:
+            raise ValueError(f"{file}: expected a {suffix} file name")
+    if grid is None and npz is None:
+        grid, npz = Path(path).with_suffix(".png"), Path(path).with_suffix(".npz")
+    targets = [Path(f) for f in (grid, npz) if f is not None]
+    if stages_dir is not None:
+        targets += [Path(stages_dir) / f"stage_{k}{ext}" for k in range(len(cascade.stages))
+                    for ext in (".png", ".npz")]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing:
+        raise ValueError(f"{existing[0]} already exists; choose other output names (nothing is overwritten)")
+    stages = build_cascade(cascade, device=info.device)
+    results = sample_cascade(cascade, stages, progress=progress and info.rank == 0)
+    written = []
+    if info.rank == 0:
+        outputs = []
+        if stages_dir is not None:
+            outputs += [(k, Path(stages_dir) / f"stage_{k}.png", Path(stages_dir) / f"stage_{k}.npz")
+                        for k in range(len(stages))]
+        outputs.append((len(stages) - 1, grid, npz))
+        for k, png, arrays in outputs:
+            x, labels = results[k]
+            images = to_uint8(x, stages[k].cfg.data)
+            labels = labels.numpy() if labels is not None else None
+            if png is not None:
+                save_grid(images, png)
+                written.append(Path(png))
+            if arrays is not None:
+                save_npz(images, labels, arrays)
+                written.append(Path(arrays))
+    return written

@@ -78,6 +78,7 @@ OFFICIAL_DIFFUSION: dict[str, dict[str, Any]] = {
     "guided-diffusion/512x512_diffusion": _GUIDED_LINEAR,
     "guided-diffusion/lsun_bedroom": _GUIDED_LINEAR,
     "guided-diffusion/64_256_upsampler": _GUIDED_LINEAR,
+    "guided-diffusion/128_512_upsampler": _GUIDED_LINEAR,
     "improved-diffusion/cifar10_uncond_50M_500K": _IMPROVED,
     "improved-diffusion/imagenet64_uncond_100M_1500K": _IMPROVED,
     "improved-diffusion/imagenet64_cond_270M_250K": {**_IMPROVED, "rescale_timesteps": False,
@@ -392,6 +393,10 @@ def converted_run_config(folder: str | os.PathLike):
         loss_type="hybrid" if net.learn_sigma else "mse", rescale_timesteps=flags["rescale_timesteps"],
         rescale_learned_sigmas=flags["rescale_learned_sigmas"],
     )
+    from difflab.nn.presets import RELEASED_FLAGS
+
+    # an upsampler takes its README's small_size images (guided-diffusion super_res_sample.py), no augmentation
+    low_res_size = RELEASED_FLAGS.get(preset, {}).get("small_size") if net.low_res_channels else None
     data = DataConfig(source="none", image_size=net.image_size, channels=net.in_channels,
-                      class_cond=net.num_classes is not None)
+                      class_cond=net.num_classes is not None, low_res_size=low_res_size)
     return Config(model=net, diffusion=diffusion, data=data, train=TrainConfig(ema_rates=()))

@@ -118,3 +118,36 @@ def test_bad_stage_chains_are_one_line_errors(runs, tmp_path, capsys):
     _fails(capsys, ["sample", runs["sr"], "--n", "2", *out], "needs low-res images")
     _fails(capsys, ["sample", runs["base"], "--stages", tmp_path, *out], "--stages", "cascade file")
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_released_upsamplers_chain_after_their_base_models(tmp_path):
+    """Converted folders recorded as guided-diffusion's 64x64 model and its 64 -> 256 upsampler (tiny random
+    stand-ins of the same shapes of input and output: only the recorded preset decides the flags) chain with
+    their README's flags: linear T = 1000 for the upsampler, low-res 64x64, 1000 classes; the 128 -> 512
+    upsampler is known too."""
+    from difflab.convert import converted_run_config, save_converted
+    from difflab.nn.presets import RELEASED_FLAGS, build_network, config_from_official_flags, get_preset
+
+    def tiny(**kw):
+        cfg = get_preset("mnist-tiny")
+        return type(cfg)(**{**cfg.__dict__, "in_channels": 3, "learn_sigma": True, "num_classes": 1000,
+                                "attention_resolutions": (), **kw})
+
+    torch.manual_seed(0)
+    # as many levels as the released networks, so the middle block's attention runs at 8x8
+    base = tiny(image_size=64, channel_mult=(1,) * 4)
+    up = tiny(image_size=256, channel_mult=(1,) * 6, low_res_channels=3)
+    save_converted(build_network(base).state_dict(), base, tmp_path / "base",
+                   metadata={"preset": "guided-diffusion/64x64_diffusion"})
+    save_converted(build_network(up).state_dict(), up, tmp_path / "up",
+                   metadata={"preset": "guided-diffusion/64_256_upsampler"})
+    cfg = converted_run_config(tmp_path / "up")
+    assert cfg.data.low_res_size == 64 and (cfg.diffusion.schedule, cfg.diffusion.steps) == ("linear", 1000)
+    cascade = load_cascade(_cascade_file(tmp_path / "c.yaml", [
+        {"run": str(tmp_path / "base"), "sampler": "ddim", "steps": 2},
+        {"run": str(tmp_path / "up"), "sampler": "ddim", "steps": 2}], n=2, batch=2, label=207))
+    (x64, _), (x256, labels) = sample_cascade(cascade, build_cascade(cascade))
+    assert x64.shape == (2, 3, 64, 64) and x256.shape == (2, 3, 256, 256) and labels.tolist() == [207, 207]
+    big = config_from_official_flags(RELEASED_FLAGS["guided-diffusion/128_512_upsampler"], "guided-diffusion-sr")
+    assert big.image_size == 512 and big.low_res_channels == 3 and big.attention_resolutions == (16, 32)
+    assert big.num_head_channels == 64 and big.model_channels == 192 and big.num_classes == 1000

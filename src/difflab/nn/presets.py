@@ -77,6 +77,11 @@ RELEASED_FLAGS: dict[str, dict[str, Any]] = {
         large_size=256, small_size=64, num_channels=192, num_res_blocks=2, learn_sigma=True, class_cond=True,
         use_checkpoint=False, attention_resolutions="32,16,8", num_heads=4, num_head_channels=-1,
         num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=False),
+    # guided-diffusion README, "Upsampling: 128 -> 512"
+    "guided-diffusion/128_512_upsampler": dict(
+        large_size=512, small_size=128, num_channels=192, num_res_blocks=2, learn_sigma=True, class_cond=True,
+        attention_resolutions="32,16", num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True,
+        use_fp16=False),
     "improved-diffusion/cifar10_uncond_50M_500K": dict(
         _IDDPM, image_size=32, num_channels=128, num_res_blocks=3, class_cond=False, dropout=0.3),
     "improved-diffusion/imagenet64_uncond_100M_1500K": dict(

@@ -7,6 +7,7 @@ import torch
 
 from difflab.convert import check_state_dict, official_to_difflab_key
 from difflab.nn.presets import (
+    NO_KEY_LISTING,
     PRESETS,
     RELEASED_FLAGS,
     build_network,
@@ -17,7 +18,7 @@ from difflab.nn.presets import (
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-NOT_YET = ("glide/",)  # GLIDE needs the text transformer (later milestone)
+NOT_YET = ("glide/", "karlo/")  # GLIDE's text transformer, Karlo's prior / decoder / CLIP: the GLIDE and unCLIP issues
 
 
 def released(fixtures_dir):
@@ -27,13 +28,13 @@ def released(fixtures_dir):
 
 def test_every_release_has_a_preset(fixtures_dir):
     rel = released(fixtures_dir)
-    assert set(rel) == set(RELEASED_FLAGS)
+    assert set(rel) == set(RELEASED_FLAGS) - NO_KEY_LISTING
     for name, entry in rel.items():
         assert RELEASED_FLAGS[name] == entry["flags"], name
         assert PRESETS[name] == config_from_official_flags(entry["flags"], family_of(name))
 
 
-@pytest.mark.parametrize("name", sorted(RELEASED_FLAGS))
+@pytest.mark.parametrize("name", sorted(set(RELEASED_FLAGS) - NO_KEY_LISTING))
 def test_release_keys_map_exactly(fixtures_dir, name):
     entry = released(fixtures_dir)[name]
     with torch.device("meta"):

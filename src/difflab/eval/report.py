@@ -349,8 +349,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``difflab eval``."""
     p.add_argument("samples", metavar="SAMPLES.npz",
                    help="arr_0 = uint8 NHWC images, optional arr_1 = int64 labels (OpenAI's layout)")
-    add_reference_arguments(p)
+    add_reference_arguments(p, defaults=False)  # defaults applied in run_eval_command (--captions has its own)
     p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
+    p.add_argument("--captions", metavar="FILE.txt|scenes-test",
+                   help="captioned MNIST scene samples: their captions, one per line in sample order, or "
+                   "'scenes-test' (the 1,000 benchmark prompts); prints attribute accuracy, binding, FD / precision / "
+                   "recall in the scene features against --ref (scenes-test (default), scenes-train or an .npz of "
+                   "scene images) and diversity (docs/scenes.md)")
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
@@ -359,8 +364,18 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from difflab.train.distributed import init_distributed
 
     info = init_distributed()
-    result = evaluate_npz(args.samples, ref=args.ref, features=args.features,
-                          inception_weights=args.inception_weights, batch_size=args.batch_size)
+    if getattr(args, "captions", None) is not None:  # captioned MNIST scenes: difflab.eval.scenes
+        from difflab.eval.scenes import evaluate_scenes_npz
+
+        given = [flag for flag, value in (("--features", args.features),
+                                          ("--inception-weights", args.inception_weights)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not used with --captions (scene samples are scored in difflab's "
+                             "scene features)")
+        result = evaluate_scenes_npz(args.samples, args.captions, ref=args.ref or "scenes-test")
+    else:
+        result = evaluate_npz(args.samples, ref=args.ref or DEFAULT_REF, features=args.features or DEFAULT_FEATURES,
+                              inception_weights=args.inception_weights, batch_size=args.batch_size)
     if info.rank == 0:
         print(json.dumps(result, indent=2))
     return 0

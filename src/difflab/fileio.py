@@ -2,13 +2,19 @@
 
 A reader sees either the old file or the complete new one, never a torn write; a crash leaves at
 most a ``.tmp-*`` file behind, which readers ignore (see :func:`is_temp_name`).
+
+Files end with mode 0o666 minus the process umask, as ``open(path, "w")`` makes them: the temp file
+is created so (``tempfile.mkstemp`` makes 0o600, which would leave every result unreadable to other
+users), and its mode is put back after the writer ran, since some writers replace the file they are
+given with a 0o600 one of their own (``safetensors.torch.save_file`` 0.8). :func:`honour_umask` does
+the same for a file written in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +24,44 @@ TEMP_PREFIX = ".tmp-"
 def is_temp_name(name: str) -> bool:
     """True for the names this module gives to half-written files and folders."""
     return name.startswith(TEMP_PREFIX)
+
+
+def make_temp_file(folder: str | os.PathLike, prefix: str) -> Path:
+    """Create a new empty file ``folder/prefix<random>`` (O_EXCL) with mode 0o666 & ~umask; return its path.
+
+    ``tempfile.mkstemp`` without its fixed 0o600: the kernel applies the umask to the 0o666 asked for.
+    """
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"no free temporary name {prefix}* in {folder}")
+
+
+def new_file_mode() -> int:
+    """0o666 & ~umask: the mode ``open(path, "w")`` gives a new file. Read from /proc (Linux) so the
+    umask is never changed; elsewhere it is set and restored at once (racy only against other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def honour_umask(path: str | os.PathLike, mode: int | None = None) -> None:
+    """Give the file at ``path`` the mode of a new file (``mode``, default :func:`new_file_mode`)."""
+    mode = new_file_mode() if mode is None else mode
+    if os.name != "nt" and (os.stat(path).st_mode & 0o7777) != mode:
+        os.chmod(path, mode)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -40,11 +84,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = make_temp_file(path.parent, TEMP_PREFIX + path.name + ".")
+    mode = os.stat(tmp).st_mode & 0o7777  # 0o666 & ~umask (and any default ACL), set by the kernel
     try:
         yield tmp
+        honour_umask(tmp, mode)
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())

@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from difflab.fileio import TEMP_PREFIX, fsync_dir, is_temp_name
+from difflab.fileio import TEMP_PREFIX, fsync_dir, honour_umask, is_temp_name, new_file_mode
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 MANIFEST = "manifest.json"
@@ -191,7 +191,9 @@ def _write_state_and_manifest(tmp: Path, state: TrainingState, shards: int = 0) 
     torch.save({"step": int(state.step), "ema_rates": [float(r) for r in state.ema], "extra": state.extra},
                tmp / "state.pt")
     files = {}
+    mode = new_file_mode()
     for p in sorted(tmp.iterdir()):
+        honour_umask(p, mode)  # safetensors writes 0o600 files, whatever the umask
         _fsync_file(p)
         files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     manifest = {"format_version": FORMAT_VERSION, "step": int(state.step), "files": files}

@@ -128,7 +128,7 @@ class SceneFeatureNet(nn.Module):
     conv3x3-BN-ReLU 32 at 32x32 -> maxpool -> 2x conv 64 at 16x16 -> maxpool -> 2x conv 128 at 8x8 ->
     maxpool -> flatten 128x4x4 (position is kept: no global pool) -> linear 128 -> ReLU (= the
     features) -> heads: layout (7), first object's digit (10) and colour (6), second object's digit and
-    colour with a "none" class (11, 7). About 0.6M parameters.
+    colour with a "none" class (11, 7). About 0.55M parameters.
     """
 
     num_features = 128

@@ -409,6 +409,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     # linear learning-rate warmup from 0 over this many steps
     warmup_steps: int = 0
+    # after the warm-up: constant lr, or cosine = lr * (1 + cos(pi * (step - warmup_steps) / (max_steps -
+    # warmup_steps))) / 2, from lr at the end of the warm-up down to 0 at max_steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     # global batch (all ranks together)
     batch_size: int = 128
     # split each batch into chunks of this size (gradient accumulation); null = off

@@ -15,8 +15,9 @@ One optimiser step (``Trainer.train_step``), for a global batch of B examples ov
    ``microbatch`` are;
 4. a non-finite loss or gradient norm stops the run (:class:`TrainingDiverged`) before the
    optimiser step and before any checkpoint of the bad state;
-5. gradient clipping, AdamW with linear warm-up, the EMA update of every rate, then the task's
-   ``after_step`` (the loss-aware timestep sampler learns from the batch's terms).
+5. gradient clipping, AdamW with linear warm-up (then constant, or cosine to 0: ``train.lr_schedule``),
+   the EMA update of every rate, then the task's ``after_step`` (the loss-aware timestep sampler
+   learns from the batch's terms).
 
 The run folder (rank 0 writes): ``config.yaml``, ``metrics.jsonl`` (the task's ``log_terms``), what
 the task writes (``samples/step_XXXXXXX.png``; a classifier's exported weights) and
@@ -217,9 +218,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def lr_at(self, step: int) -> float:
-        """Learning rate of optimiser step ``step`` (1-based): linear warm-up to ``train.lr``."""
+        """Learning rate of optimiser step ``step`` (1-based): linear warm-up to ``train.lr`` over
+        ``warmup_steps``, then constant, or with ``lr_schedule: cosine`` a half cosine from ``train.lr``
+        to 0 at ``train.max_steps`` (0 after it)."""
         tc = self.cfg.train
-        return tc.lr * min(1.0, step / tc.warmup_steps) if tc.warmup_steps else tc.lr
+        lr = tc.lr * min(1.0, step / tc.warmup_steps) if tc.warmup_steps else tc.lr
+        if tc.lr_schedule == "cosine" and step > tc.warmup_steps:
+            progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+            lr *= 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr
 
     def _sync_context(self, sync: bool):
         """No gradient all-reduce / reduce-scatter on micro-batches before the last (accumulation)."""

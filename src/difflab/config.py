@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import types
 import typing
@@ -163,16 +164,23 @@ def _convert(tp: Any, value: Any, path: tuple[str, ...]) -> Any:
             return int(value)
         raise ConfigError(path, f"expected an integer; got {_describe(value)}")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(path, f"expected a number; got {_describe(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        number: Any = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(path, f"expected a number; got {_describe(value)}")
+        if number is None:
+            raise ConfigError(path, f"expected a number; got {_describe(value)}")
+        try:
+            number = float(number)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if not math.isfinite(number):  # no float setting can work at nan or +-inf (lr, eta, scales, rates...)
+            raise ConfigError(path, f"must be a finite number; got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
@@ -243,6 +251,9 @@ def from_dict(cls: type, data: Any, *, path: Sequence[str] = ()) -> Any:
     except ConfigError as e:
         raise e.under(*path) from None
     except (ValueError, TypeError) as e:
+        field_name = getattr(e, "field", None)  # a network config's FieldError names its field
+        if isinstance(field_name, str) and isinstance(getattr(e, "problem", None), str):
+            raise ConfigError((*path, field_name), e.problem) from e
         raise ConfigError(path, str(e)) from e
 
 

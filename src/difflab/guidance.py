@@ -1,7 +1,9 @@
 """Guidance: classifier guidance (ADM, Dhariwal & Nichol 2021) and classifier-free guidance (Ho & Salimans 2021).
 
 Notation (code -> paper):
-    cond_fn(x_t, t, **cond)   s * grad_{x_t} log p_phi(y | x_t, t)   (already times the scale s; t original index)
+    cond_fn(x_t, t, **cond)   s * grad_{x_t} log p_phi(y | x_t, t)   (already times the scale s; t as the network
+                              sees it: the original index, or timestep_map[t] * 1000 / T under rescale_timesteps,
+                              as guided-diffusion's _WrappedModel hands cond_fn the model's t)
     scale                     s, the classifier scale (ADM Sec. 4)
     guidance_scale            w, the classifier-free weight (CFG eq. 6): eps~ = (1 + w) eps_c - w eps_u
     null_label                the label that stands for "no class" (the unconditional model)
@@ -43,7 +45,7 @@ Tensor = torch.Tensor
 CondFn = Callable[..., Tensor]
 
 __all__ = [
-    "CondFn", "condition_mean", "condition_score", "shift_mean", "shift_score",
+    "CondFn", "condition_mean", "condition_score", "network_t", "shift_mean", "shift_score",
     "ClassifierInfo", "classifier_grad_fn", "ClassifierGuidance",
     "ClassifierFreeGuidance", "classifier_free_denoiser", "guided_denoiser", "drop_labels", "check_labels",
 ]
@@ -69,15 +71,22 @@ def shift_score(process: Process, p: PMeanVar, x_t: Tensor, t: Tensor, gradient:
     return p._replace(mean=mean, pred_xstart=x0, eps=eps)
 
 
+def network_t(denoiser: Any, t: Tensor) -> Tensor:
+    """The t the network sees at steps ``t`` [N] of ``denoiser``'s process, which ``cond_fn`` receives too:
+    guided-diffusion wraps ``cond_fn`` in the same ``_WrappedModel`` as the model, so under
+    ``rescale_timesteps`` both get ``timestep_map[t] * 1000 / T`` (float32), else the original index."""
+    fn = getattr(denoiser, "network_t", None)
+    return fn(t) if fn is not None else denoiser.process.original_t(t)
+
+
 def condition_mean(denoiser: Denoiser, cond_fn: CondFn, p: PMeanVar, x_t: Tensor, t: Tensor, **cond) -> PMeanVar:
     """Shift the mean of p(x_{t-1}|x_t) by Sigma * cond_fn(x_t, t) (ADM Alg. 1). The gradient is taken at x_t."""
-    return shift_mean(p, cond_fn(x_t, denoiser.process.original_t(t), **cond))
+    return shift_mean(p, cond_fn(x_t, network_t(denoiser, t), **cond))
 
 
 def condition_score(denoiser: Denoiser, cond_fn: CondFn, p: PMeanVar, x_t: Tensor, t: Tensor, **cond) -> PMeanVar:
     """Shift the score: eps' = eps - sqrt(1 - abar_t) cond_fn(x_t, t); x0^ and the mean follow (ADM Alg. 2)."""
-    process = denoiser.process
-    return shift_score(process, p, x_t, t, cond_fn(x_t, process.original_t(t), **cond))
+    return shift_score(denoiser.process, p, x_t, t, cond_fn(x_t, network_t(denoiser, t), **cond))
 
 
 # ---------------------------------------------------------------------------------------- labels
@@ -203,9 +212,9 @@ def classifier_grad_fn(
 ) -> CondFn:
     """cond_fn(x_t, t, y, **ignored) = s grad_{x_t} log softmax(classifier(x_t, t))[y] (ADM Sec. 4.1).
 
-    ``classifier(x_t, t)`` returns logits [N, K] (t: original indices); the gradient [N, C, ...] is
-    taken under ``torch.enable_grad()`` on a detached copy of x_t, so it works inside the samplers'
-    ``no_grad`` loops (as guided-diffusion's ``classifier_sample.py``). ``num_classes`` defaults to
+    ``classifier(x_t, t)`` returns logits [N, K] (t: what the model sees, see :func:`network_t`); the
+    gradient [N, C, ...] is taken under ``torch.enable_grad()`` on a detached copy of x_t, so it works
+    inside the samplers' ``no_grad`` loops (as guided-diffusion's ``classifier_sample.py``). ``num_classes`` defaults to
     the classifier's ``config.out_channels``; labels outside [0, K) raise ValueError.
     """
     if num_classes is None:
@@ -255,8 +264,9 @@ class ClassifierGuidance:
         eps          = eps(x0^) - sqrt(1 - abar_t) g          (Alg. 2: DDIM / ODE samplers read these)
         pred_xstart  = x0 from that eps
     where g = s grad_{x_t} log p(y | x_t, t) at the original step of t, computed once per call.
-    ``respace(spec)`` returns the guided respaced denoiser, and the classifier always sees
-    original step indices. The returned ``pred_xstart`` is the guided one (the official
+    ``respace(spec)`` returns the guided respaced denoiser, and the classifier always sees the
+    network's t: original step indices, or under ``rescale_timesteps`` the same rescaled float t as
+    the model (:func:`network_t`, as guided-diffusion). The returned ``pred_xstart`` is the guided one (the official
     ``p_sample`` reports the unguided x0^; the sample itself is the same).
 
     Args:
@@ -286,9 +296,14 @@ class ClassifierGuidance:
             raise ValueError(
                 "classifier guidance needs exactly one of a classifier (logits = classifier(x_t, t)) or a cond_fn"
             )
+        try:
+            self.scale = float(scale)
+        except (TypeError, ValueError):
+            self.scale = math.nan
+        if not math.isfinite(self.scale):
+            raise ValueError(f"the classifier scale s must be a finite number, got {scale!r}")
         self.denoiser = denoiser
         self.classifier = classifier
-        self.scale = float(scale)
         self.info = info if info is not None else getattr(classifier, "diffusion_info", None)
         known, model_classes = _net_num_classes(denoiser)
         if conditional_model is None and known:
@@ -330,6 +345,10 @@ class ClassifierGuidance:
     @property
     def num_timesteps(self) -> int:
         return self.denoiser.num_timesteps
+
+    def network_t(self, t: Tensor) -> Tensor:
+        """What the network (and the classifier) sees at steps ``t``: see :func:`network_t`."""
+        return network_t(self.denoiser, t)
 
     def respace(self, spec) -> ClassifierGuidance:
         """The guided denoiser on a respaced process (the classifier still sees original steps)."""
@@ -376,7 +395,7 @@ class ClassifierGuidance:
         p = self.denoiser(x_t, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, **self._model_cond(cond))
         if self.scale == 0.0 and self.classifier is not None:
             return p
-        gradient = self.cond_fn(x_t, self.process.original_t(t), **cond)
+        gradient = self.cond_fn(x_t, network_t(self.denoiser, t), **cond)
         guided = shift_score(self.process, p, x_t, t, gradient)
         return guided._replace(mean=shift_mean(p, gradient).mean)
 

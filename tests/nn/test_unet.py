@@ -195,7 +195,9 @@ def test_timestep_embedding_formula():
 
 @pytest.mark.parametrize("field,value,expect", [
     ("channel_mult", (), "channel_mult.*positive"),
-    ("attention_resolutions", (16,), r"attention_resolutions.*downsample rates among \[1, 2\]"),
+    ("attention_resolutions", ("16",), r"attention_resolutions.*integer downsample rates"),
+    ("num_heads_upsample", 0, r"num_heads_upsample.*-1 \(= num_heads\) or an integer >= 1"),
+    ("num_heads_upsample", 3, "num_heads_upsample.*divisor of every width with attention on the way up"),
     ("num_head_channels", 7, "num_head_channels.*divisor"),
     ("num_head_channels", 0, "num_head_channels.*-1"),
     ("num_heads", 3, "num_heads.*divisor"),

@@ -130,6 +130,14 @@ def _ds(attention_resolutions: str, size: int) -> tuple[int, ...]:
     return tuple(size // int(r) for r in str(attention_resolutions).split(",") if r)
 
 
+def _heads_upsample(num_heads_upsample: Any, num_heads: Any, num_head_channels: Any) -> Any:
+    """difflab's ``num_heads_upsample`` for the official one: -1 wherever the official network ends up with
+    ``num_heads`` on the way up (-1 itself, the same count, or num_head_channels set, which overrides both)."""
+    if num_heads_upsample in (-1, num_heads) or num_head_channels != -1:
+        return -1
+    return num_heads_upsample
+
+
 def config_from_official_flags(flags: dict[str, Any], family: str) -> UNetConfig | ClassifierConfig:
     """Turn the official script flags into a difflab config, following the official create_* rules.
 
@@ -155,8 +163,6 @@ def config_from_official_flags(flags: dict[str, Any], family: str) -> UNetConfig
         )
     f = {**_MODEL_DEFAULTS["improved-diffusion" if family == "improved-diffusion" else "guided-diffusion"],
          **flags}
-    if f.get("num_heads_upsample", -1) not in (-1, f["num_heads"]):
-        raise ValueError("num_heads_upsample other than -1 (deprecated officially) is not supported")
     if family == "guided-diffusion-sr":
         size = f["large_size"]
         mult = _mult(_SR_MULT, size)
@@ -170,6 +176,8 @@ def config_from_official_flags(flags: dict[str, Any], family: str) -> UNetConfig
         in_channels=3, model_channels=f["num_channels"], channel_mult=mult,
         num_res_blocks=f["num_res_blocks"], attention_resolutions=_ds(f["attention_resolutions"], size),
         num_heads=f["num_heads"], num_head_channels=f.get("num_head_channels", -1),
+        num_heads_upsample=_heads_upsample(f.get("num_heads_upsample", -1), f["num_heads"],
+                                           f.get("num_head_channels", -1)),
         use_new_attention_order=f.get("use_new_attention_order", False), dropout=float(f["dropout"]),
         use_scale_shift_norm=f["use_scale_shift_norm"], resblock_updown=f.get("resblock_updown", False),
         use_checkpoint=f["use_checkpoint"], learn_sigma=f["learn_sigma"],
@@ -200,8 +208,8 @@ def config_from_official_kwargs(class_name: str, kwargs: dict[str, Any]) -> UNet
     kw = dict(kwargs)
     if kw.pop("dims", 2) != 2:
         raise ValueError("only dims=2 (images) is supported")
-    if kw.pop("num_heads_upsample", -1) not in (-1, kw.get("num_heads", 1)):
-        raise ValueError("num_heads_upsample other than -1 (deprecated officially) is not supported")
+    heads_up = _heads_upsample(kw.pop("num_heads_upsample", -1), kw.get("num_heads", 1),
+                               kw.get("num_head_channels", -1))
     kw.pop("use_fp16", None)
     common = dict(
         in_channels=kw.pop("in_channels"), model_channels=kw.pop("model_channels"),
@@ -214,11 +222,12 @@ def config_from_official_kwargs(class_name: str, kwargs: dict[str, Any]) -> UNet
     )
     out_channels = kw.pop("out_channels")
     if kind == "classifier":
+        # EncoderUNetModel takes num_heads_upsample and ignores it (it has no upsampling half)
         cfg: UNetConfig | ClassifierConfig = ClassifierConfig(
             **common, image_size=kw.pop("image_size"), out_channels=out_channels, pool=kw.pop("pool", "adaptive"))
     else:
         cfg = UNetConfig(
-            **common, out_channels=out_channels, num_classes=kw.pop("num_classes", None),
+            **common, num_heads_upsample=heads_up, out_channels=out_channels, num_classes=kw.pop("num_classes", None),
             low_res_channels=common["in_channels"] if kind == "superres" else 0, image_size=kw.pop("image_size", None))
     if kw:
         raise ValueError(f"unsupported argument(s) of {class_name}: {sorted(kw)}")

@@ -14,6 +14,8 @@ Notation map (code -> paper):
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -35,8 +37,18 @@ from difflab.nn.layers import (
 __all__ = ["BackboneConfig", "UNetConfig", "UNet", "build_encoder_half"]
 
 
-def _bad(field: str, value: Any, valid: str) -> ValueError:
-    return ValueError(f"{field}={value!r} is invalid; valid: {valid}")
+class FieldError(ValueError):
+    """A bad network config field: ``field`` names it, ``problem`` says what is wrong (so a run config
+    can report it under its dotted key, ``model.num_heads``)."""
+
+    def __init__(self, field: str, value: Any, valid: str):
+        self.field = field
+        self.problem = f"{value!r} is invalid; valid: {valid}"
+        super().__init__(f"{field}={value!r} is invalid; valid: {valid}")
+
+
+def _bad(field: str, value: Any, valid: str) -> FieldError:
+    return FieldError(field, value, valid)
 
 
 @dataclass(frozen=True)
@@ -51,9 +63,10 @@ class BackboneConfig:
     channel_mult: tuple[float, ...] = (1, 2, 2, 2)
     # Residual blocks per level in the downsampling half ("depth" in ADM Tab. 1); upsampling has +1.
     num_res_blocks: int = 2
-    # Downsample rates ds (not pixel sizes) with attention, e.g. (2, 4) = 16x16 and 8x8 at 32px.
+    # Downsample rates ds (not pixel sizes) with attention, e.g. (2, 4) = 16x16 and 8x8 at 32px; a rate no
+    # level has is ignored (as officially). The middle block always has attention.
     attention_resolutions: tuple[int, ...] = (2,)
-    # Heads per attention layer when num_head_channels == -1.
+    # Heads per attention layer when num_head_channels == -1 (it must divide the widths that have attention).
     num_heads: int = 1
     # Channels per head (ADM: 64); overrides num_heads when not -1.
     num_head_channels: int = -1
@@ -76,20 +89,38 @@ class BackboneConfig:
         """Channel width of every level: int(mult * model_channels)."""
         return [int(m * self.model_channels) for m in self.channel_mult]
 
+    def attention_widths(self) -> list[int]:
+        """Widths of the levels whose downsample rate 2**level is in ``attention_resolutions`` (the
+        blocks with attention on the way down and up; the middle block's is ``widths()[-1]``)."""
+        return [w for level, w in enumerate(self.widths()) if 2**level in self.attention_resolutions]
+
+    def _check_heads(self, widths: list[int], heads_field: str, heads: int, where: str) -> None:
+        """The official constraint: every attention width ``widths`` splits into whole heads."""
+        if self.num_head_channels == -1:
+            if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+                raise _bad(heads_field, heads, "an integer >= 1 (or set num_head_channels)")
+            if any(w % heads for w in widths):
+                raise _bad(heads_field, heads, f"a divisor of every width with attention{where} {sorted(set(widths))}")
+        elif any(w % self.num_head_channels for w in widths):
+            raise _bad("num_head_channels", self.num_head_channels,
+                       f"-1 or a divisor of every width with attention{where} {sorted(set(widths))}")
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and its valid values."""
         for name in ("in_channels", "model_channels", "num_res_blocks", "num_groups"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise _bad(name, v, "an integer >= 1")
-        if not self.channel_mult or any(not isinstance(m, int | float) or m <= 0 for m in self.channel_mult):
-            raise _bad("channel_mult", self.channel_mult, "a non-empty tuple of positive numbers")
-        n_down = len(self.channel_mult) - 1
-        valid_ds = [2**i for i in range(n_down + 1)]
-        for ds in self.attention_resolutions:
-            if ds not in valid_ds:
-                raise _bad("attention_resolutions", self.attention_resolutions,
-                           f"downsample rates among {valid_ds} (not pixel sizes)")
+        if not self.channel_mult or any(not isinstance(m, int | float) or isinstance(m, bool) or not math.isfinite(m)
+                                        or m <= 0 for m in self.channel_mult):
+            raise _bad("channel_mult", self.channel_mult, "a non-empty tuple of finite positive numbers")
+        if any(not isinstance(ds, int) or isinstance(ds, bool) for ds in self.attention_resolutions):
+            raise _bad("attention_resolutions", self.attention_resolutions, "a tuple of integer downsample rates")
+        valid_ds = [2**i for i in range(len(self.channel_mult))]
+        unreached = [ds for ds in self.attention_resolutions if ds not in valid_ds]
+        if unreached:  # the official constructors test `ds in attention_resolutions` per level: these never match
+            warnings.warn(f"attention_resolutions {unreached} are not downsample rates of any level {valid_ds} "
+                          "and are ignored, as in the official code (rates, not pixel sizes)", stacklevel=3)
         if not 0.0 <= self.dropout < 1.0:
             raise _bad("dropout", self.dropout, "a float in [0, 1)")
         widths = [int(self.channel_mult[0] * self.model_channels), *self.widths()]
@@ -97,17 +128,13 @@ class BackboneConfig:
             if w < 1 or w % self.num_groups:
                 raise _bad("num_groups", self.num_groups,
                            f"a divisor of every level width {sorted(set(widths))}")
-        if self.num_head_channels == -1:
-            if not isinstance(self.num_heads, int) or self.num_heads < 1:
-                raise _bad("num_heads", self.num_heads, "an integer >= 1 (or set num_head_channels)")
-            bad = [w for w in self.widths() if w % self.num_heads]
-            if self.attention_resolutions and bad:
-                raise _bad("num_heads", self.num_heads, f"a divisor of every level width {self.widths()}")
-        elif not isinstance(self.num_head_channels, int) or self.num_head_channels < 1:
-            raise _bad("num_head_channels", self.num_head_channels, "-1 (use num_heads) or an integer >= 1")
-        elif self.attention_resolutions and any(w % self.num_head_channels for w in self.widths()):
-            raise _bad("num_head_channels", self.num_head_channels,
-                       f"-1 or a divisor of every level width {self.widths()}")
+        nhc = self.num_head_channels
+        if nhc != -1 and (not isinstance(nhc, int) or isinstance(nhc, bool) or nhc < 1):
+            raise _bad("num_head_channels", nhc, "-1 (use num_heads) or an integer >= 1")
+        # only the widths that have attention are checked (official): the levels in attention_resolutions
+        # and the middle block, whose attention is always there
+        self._check_heads([*self.attention_widths(), self.widths()[-1]], "num_heads", self.num_heads,
+                          " (levels in attention_resolutions and the middle block)")
         for name in ("use_new_attention_order", "use_scale_shift_norm", "resblock_updown",
                      "conv_resample", "use_checkpoint"):
             if not isinstance(getattr(self, name), bool):
@@ -123,6 +150,9 @@ class BackboneConfig:
 class UNetConfig(BackboneConfig):
     """The denoiser U-Net: every switch of the official networks plus the conditioning inputs."""
 
+    # Heads of the upsampling half's attention when num_head_channels == -1; -1 = num_heads (improved- and
+    # guided-diffusion's num_heads_upsample; their scripts always pass -1).
+    num_heads_upsample: int = -1
     # Output channels; None = in_channels * (2 if learn_sigma else 1).
     out_channels: int | None = None
     # Output 2C channels: eps and the variance interpolation v (iDDPM Sec. 3.1).
@@ -143,6 +173,11 @@ class UNetConfig(BackboneConfig):
     image_size: int | None = None
 
     @property
+    def heads_upsample(self) -> int:
+        """Heads of the upsampling half's attention layers (``num_heads_upsample``, -1 = ``num_heads``)."""
+        return self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+
+    @property
     def resolved_out_channels(self) -> int:
         """Output channels after applying ``learn_sigma``."""
         if self.out_channels is not None:
@@ -157,6 +192,12 @@ class UNetConfig(BackboneConfig):
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and its valid values."""
         super().validate()
+        nhu = self.num_heads_upsample
+        if not isinstance(nhu, int) or isinstance(nhu, bool) or (nhu != -1 and nhu < 1):
+            raise _bad("num_heads_upsample", nhu, "-1 (= num_heads) or an integer >= 1")
+        if self.num_head_channels == -1 and nhu != -1:
+            self._check_heads(self.attention_widths(), "num_heads_upsample", nhu,
+                              " on the way up (levels in attention_resolutions)")
         if self.out_channels is not None and (not isinstance(self.out_channels, int) or self.out_channels < 1):
             raise _bad("out_channels", self.out_channels, "None or an integer >= 1")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
@@ -175,10 +216,11 @@ class UNetConfig(BackboneConfig):
                 raise _bad("image_size", self.image_size, f"None or a multiple of {f}")
 
 
-def _attention(cfg: BackboneConfig, ch: int, encoder_channels: int | None = None) -> AttentionBlock:
+def _attention(cfg: BackboneConfig, ch: int, encoder_channels: int | None = None,
+               num_heads: int | None = None) -> AttentionBlock:
     return AttentionBlock(
         ch,
-        num_heads=cfg.num_heads,
+        num_heads=cfg.num_heads if num_heads is None else num_heads,
         num_head_channels=cfg.num_head_channels,
         use_new_attention_order=cfg.use_new_attention_order,
         encoder_channels=encoder_channels,
@@ -270,7 +312,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [_resblock(cfg, ch + chans.pop(), emb_dim, out_ch)]
                 ch = out_ch
                 if ds in cfg.attention_resolutions:
-                    layers.append(_attention(cfg, ch, cfg.encoder_channels))
+                    layers.append(_attention(cfg, ch, cfg.encoder_channels, cfg.heads_upsample))
                 if level and i == cfg.num_res_blocks:
                     layers.append(_resblock(cfg, ch, emb_dim, ch, up=True) if cfg.resblock_updown
                                   else Upsample(ch, cfg.conv_resample, ch))

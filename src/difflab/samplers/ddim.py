@@ -35,8 +35,8 @@ def ddim_sample(
     model_kwargs: dict | None = None,
 ) -> dict[str, Tensor]:
     """One DDIM step x_t -> x_{t-1}. x_t: [N, C, ...], t: [N]. Returns ``sample`` and ``pred_xstart``."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta < float("inf"):  # nan fails every comparison
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     cond = model_kwargs or {}
     process = denoiser.process
     p = denoiser(x_t, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, **cond)

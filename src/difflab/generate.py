@@ -305,7 +305,7 @@ def sample_run(
     from pathlib import Path
 
     from difflab.build import load_run, load_run_config, resolve_ema
-    from difflab.images import save_grid, save_npz, to_uint8
+    from difflab.images import to_uint8
 
     info = dist_utils.init_distributed()
     cfg = load_run_config(run_dir)
@@ -349,12 +349,7 @@ def sample_run(
             tags = (f"_w{w:g}" if w else "") + (f"_s{s:g}" if s and classifier is not None else "")
             stem = Path(run_dir) / "samples" / f"{name}_{len(x)}{tags}"
             grid, npz = stem.with_suffix(".png"), stem.with_suffix(".npz")
-        if grid is not None:
-            save_grid(images, grid)
-            written.append(Path(grid))
-        if npz is not None:
-            save_npz(images, labels, npz)
-            written.append(Path(npz))
+        written += _save(images, labels, grid, npz)
     # the files are on disk before the (possibly long) evaluation; every rank takes part in it
     metrics = evaluator(images, labels) if evaluator is not None else None
     return written, metrics
@@ -368,7 +363,7 @@ def sample_cascade_file(path, *, n: int | None = None, seed: int | None = None, 
     refused if they exist). Returns the paths written."""
     from pathlib import Path
 
-    from difflab.images import save_grid, save_npz, to_uint8
+    from difflab.images import to_uint8
     from difflab.pipelines.cascade import build_cascade, load_cascade, sample_cascade
 
     info = dist_utils.init_distributed()
@@ -397,11 +392,21 @@ def sample_cascade_file(path, *, n: int | None = None, seed: int | None = None, 
         for k, png, arrays in outputs:
             x, labels = results[k]
             images = to_uint8(x, stages[k].cfg.data)
-            labels = labels.numpy() if labels is not None else None
-            if png is not None:
-                save_grid(images, png)
-                written.append(Path(png))
-            if arrays is not None:
-                save_npz(images, labels, arrays)
-                written.append(Path(arrays))
+            written += _save(images, labels.numpy() if labels is not None else None, png, arrays)
+    return written
+
+
+def _save(images, labels, grid, npz) -> list:
+    """Write a PNG grid and / or an ``.npz`` of uint8 images; the paths written."""
+    from pathlib import Path
+
+    from difflab.images import save_grid, save_npz
+
+    written = []
+    if grid is not None:
+        save_grid(images, grid)
+        written.append(Path(grid))
+    if npz is not None:
+        save_npz(images, labels, npz)
+        written.append(Path(npz))
     return written

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from train_helpers import ROOT, difflab_cmd, run_cli, sets, subprocess_env, weights
+from train_helpers import ROOT, difflab_cmd, run_cli, sets, subprocess_env, torchrun, wait_for, weights
 
 from difflab.train.checkpoint import latest_checkpoint, list_checkpoints
 from difflab.train.classifier import load_classifier
@@ -21,14 +19,6 @@ CLF = ROOT / "configs" / "digits-classifier.yaml"
 # two EMAs, warm-up, log lines that straddle checkpoints, micro-batches
 KNOBS = ["train.max_steps=60", "train.save_every=10", "train.log_every=3", "train.ema_rates=[0.99, 0.9]",
          "train.warmup_steps=5", "train.microbatch=16", "train.batch_size=32", "export_ema=0.99"]
-
-
-def _wait_for(path, proc, timeout=90.0):
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"training ended before {path.name} appeared:\n{proc.stderr.read()}"
-        assert time.monotonic() < end, f"{path.name} did not appear"
-        time.sleep(0.02)
 
 
 def _no_time(path):
@@ -41,7 +31,7 @@ def test_classifier_resume_after_sigkill_is_bit_identical(tmp_path):
     proc = subprocess.Popen(difflab_cmd("train", str(CLF), "--out", str(killed), "--quiet", *sets(*KNOBS)),
                             env=subprocess_env(), stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        _wait_for(killed / "ckpt_0000020" / "manifest.json", proc)
+        wait_for(killed / "ckpt_0000020" / "manifest.json", proc)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
@@ -73,10 +63,7 @@ def test_two_process_classifier_run_equals_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     knobs = ["train.max_steps=6", "train.batch_size=32", "train.microbatch=8", "train.log_every=2"]
     run_cli("train", str(CLF), "--out", str(one), "--quiet", *sets(*knobs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "difflab",
-           "train", str(CLF), "--out", str(two), "--quiet", *sets(*knobs)]
-    p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-4000:]
+    torchrun("train", str(CLF), "--out", str(two), "--quiet", *sets(*knobs))
     # Float tolerance: the ranks' gradients are summed in another order, and Adam's m / sqrt(v) turns the
     # rounding of near-zero gradient elements into differences of the update; Adam moves a weight by at
     # most about lr per step, so bound every difference by 1% of lr * steps (measured: 0.3%), and the whole

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from train_helpers import ROOT, TINY, TINY_SET, run_cli, sets, subprocess_env, weights
+from train_helpers import TINY, TINY_SET, run_cli, sets, torchrun, weights
 
 from difflab.train.metrics import read_metrics
-
-
-def _torchrun(*args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "difflab", *args]
-    p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert p.returncode == 0, f"torchrun difflab {' '.join(args)} failed:\n{p.stderr[-4000:]}"
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -31,7 +21,7 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
              "data.class_cond=true", "model.num_classes=10", "model.class_null=true", "diffusion.p_uncond=0.25"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli("train", str(TINY), "--out", str(one), "--quiet", *sets(*knobs))
-    _torchrun("train", str(TINY), "--out", str(two), "--quiet", *sets(*knobs))
+    torchrun("train", str(TINY), "--out", str(two), "--quiet", *sets(*knobs))
 
     # Float tolerance: the ranks' gradients are summed in another order, and Adam divides each update by
     # sqrt(v), which turns the rounding of near-cancelling gradient elements into relative differences
@@ -51,7 +41,7 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     # (torchrun's own parser would take --n for an abbreviation of its options: --num-samples)
     request = ["sample", str(one), "--num-samples", "5", "--batch", "2", "--steps", "3", "--quiet", "--npz"]
     run_cli(*request, str(tmp_path / "a.npz"))
-    _torchrun(*request, str(tmp_path / "b.npz"))
+    torchrun(*request, str(tmp_path / "b.npz"))
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert a["arr_0"].shape == (5, 8, 8, 1)
     assert np.array_equal(a["arr_1"], b["arr_1"])

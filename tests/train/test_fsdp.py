@@ -3,15 +3,13 @@ exactly, and its sharded checkpoints gather into whole weights that sample like 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from train_helpers import ROOT, TINY, TINY_SET, run_cli, sets, subprocess_env, weights
+from train_helpers import TINY, TINY_SET, run_cli, sets, torchrun, weights
 
 from difflab.cli import main
 from difflab.train.checkpoint import checkpoint_shards, latest_checkpoint, load_weights, verify_checkpoint
@@ -23,13 +21,6 @@ KNOBS = [*TINY_SET, "train.parallel=fsdp", "train.microbatch=4", "train.ema_rate
          "diffusion.p_uncond=0.25"]
 
 
-def _torchrun(*args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "difflab", *args]
-    p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert p.returncode == 0, f"torchrun difflab {' '.join(args)} failed:\n{p.stderr[-4000:]}"
-
-
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-12))
 
@@ -39,9 +30,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     one, two, split = root / "one", root / "two", root / "split"
     run_cli("train", str(TINY), "--out", str(one), "--quiet", *sets(*KNOBS, "train.max_steps=8"))
-    _torchrun("train", str(TINY), "--out", str(two), "--quiet", *sets(*KNOBS, "train.max_steps=8"))
-    _torchrun("train", str(TINY), "--out", str(split), "--quiet", *sets(*KNOBS, "train.max_steps=4"))
-    _torchrun("train", "--resume", str(split), "--max-steps", "8", "--quiet")
+    torchrun("train", str(TINY), "--out", str(two), "--quiet", *sets(*KNOBS, "train.max_steps=8"))
+    torchrun("train", str(TINY), "--out", str(split), "--quiet", *sets(*KNOBS, "train.max_steps=4"))
+    torchrun("train", "--resume", str(split), "--max-steps", "8", "--quiet")
     return {"one": one, "two": two, "split": split, "root": root}
 
 

@@ -6,12 +6,11 @@ import json
 import math
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
-from train_helpers import TINY, TINY_SET, difflab_cmd, run_cli, sets, subprocess_env, tree_hashes, weights
+from train_helpers import TINY, TINY_SET, difflab_cmd, run_cli, sets, subprocess_env, tree_hashes, wait_for, weights
 
 from difflab.cli import main
 from difflab.train.checkpoint import list_checkpoints
@@ -71,14 +70,6 @@ def test_class_conditional_with_label_dropout_samples_the_asked_label(tmp_path):
     assert arrays["arr_1"].dtype == np.int64 and arrays["arr_1"].tolist() == [3, 3, 3]
 
 
-def _wait_for(path, proc, timeout=90.0):
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"training ended before {path.name} appeared:\n{proc.stderr.read()}"
-        assert time.monotonic() < end, f"{path.name} did not appear"
-        time.sleep(0.02)
-
-
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     # Everything that draws randomness: dropout (torch global RNG), flips, label dropout, importance
     # sampling of t with its loss history (T = 20 warms it up quickly), micro-batches, two EMAs, and
@@ -93,7 +84,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     proc = subprocess.Popen(difflab_cmd("train", str(TINY), "--out", str(killed), "--quiet", *sets(*knobs)),
                             env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(killed / "ckpt_0000010" / "manifest.json", proc)
+        wait_for(killed / "ckpt_0000010" / "manifest.json", proc)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:

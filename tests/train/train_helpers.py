@@ -51,3 +51,22 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (to show that nothing was changed)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Wait until ``path`` exists while ``proc`` runs (fail if it ends first or the time runs out)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path.name} appeared:\n{proc.stderr.read()}"
+        assert time.monotonic() < end, f"{path.name} did not appear"
+        time.sleep(0.02)
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> None:
+    """``torchrun --standalone --nproc_per_node N -m difflab ARGS`` (gloo on the CPU), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "difflab", *args]
+    p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, f"torchrun difflab {' '.join(args)} failed:\n{p.stderr[-4000:]}"

@@ -228,15 +228,8 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainingState, *, keep_la
     final = run_dir / checkpoint_name(state.step)
     tmp = run_dir / f"{TEMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    try:
-        _write_weights(tmp, state, lambda which, ext: f"{which}.{ext}")
-        _write_state_and_manifest(tmp, state)
-        _publish(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last)
+    _write_weights(tmp, state, lambda which, ext: f"{which}.{ext}")
+    _finish(tmp, final, state, shards=0, keep_last=keep_last)
     return final
 
 
@@ -262,16 +255,22 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, state: TrainingState, *,
     _write_weights(tmp, state, lambda which, ext: shard_name(which, rank, world, ext), sharded)
     barrier()
     if rank == 0:
-        try:
-            _write_state_and_manifest(tmp, state, shards=world)
-            _publish(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        if keep_last is not None:
-            prune_checkpoints(run_dir, keep_last)
+        _finish(tmp, final, state, shards=world, keep_last=keep_last)
     barrier()
     return final
+
+
+def _finish(tmp: Path, final: Path, state: TrainingState, *, shards: int, keep_last: int | None) -> None:
+    """``state.pt`` and the manifest into ``tmp`` (whose weight files are written), then rename it onto
+    ``final`` and prune; ``tmp`` is removed whatever happens."""
+    try:
+        _write_state_and_manifest(tmp, state, shards=shards)
+        _publish(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last is not None:
+        prune_checkpoints(final.parent, keep_last)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:

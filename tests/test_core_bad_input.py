@@ -7,6 +7,7 @@ from difflab import (
     Denoiser,
     Parameterization,
     Process,
+    UseTimesteps,
     get_named_beta_schedule,
     q_sample,
     space_timesteps,
@@ -43,9 +44,11 @@ def test_timesteps_out_of_range():
 @pytest.mark.parametrize(
     "spec,message",
     [
-        ([3, 2, 5], "strictly increasing"),
-        ([0, 5, 10], r"must lie in \[0, 9\]"),
-        ([], "at least one step"),
+        (UseTimesteps([3, 2, 5]), "strictly increasing"),
+        (UseTimesteps([0, 5, 10]), r"must lie in \[0, 9\]"),
+        (UseTimesteps([]), "at least one step"),
+        ([0, 5], r"steps=\[0, 5\] is ambiguous.*\"10,10,3\".*UseTimesteps"),
+        (2.5, "bad respacing 2.5"),
         ("11", "cannot take 11 steps"),
         ("ddim7", "cannot create exactly 7 steps"),
         ("fast", "expected 'K', 'a,b,...', 'ddimK', 'fast27'"),

@@ -23,6 +23,7 @@ from difflab.samplers import (
     sample_heun,
     solver_timesteps,
 )
+from difflab.schedules import UseTimesteps
 from difflab.toy import GaussianMixture
 from test_samplers_mixture import MIX_2D, assert_reproduces, optimal_denoiser, x_T
 
@@ -90,7 +91,7 @@ def test_second_order_converges_faster_than_ddim():
 # -- exactness -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps", ["1", "7", "ddim10", "logsnr5", [0, 300, 999]])
+@pytest.mark.parametrize("steps", ["1", "7", "ddim10", "logsnr5", UseTimesteps([0, 300, 999])])
 @pytest.mark.parametrize("clip", [False, True])
 def test_first_order_is_ddim(steps, clip):
     """DPM-Solver++ with order 1, and Euler in sigma, are DDIM with eta = 0 on the same steps."""
@@ -104,7 +105,7 @@ def test_first_order_is_ddim(steps, clip):
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("steps", ["7", "time10", [0, 300, 999]])
+@pytest.mark.parametrize("steps", ["7", "time10", UseTimesteps([0, 300, 999])])
 @pytest.mark.parametrize("clip", [False, True])
 def test_first_order_sde_is_ddpm_posterior(steps, clip):
     """First-order SDE-DPM-Solver++ is DDIM with eta = 1 (the posterior q(x_t | x_s, x0^)) on the same steps,
@@ -125,7 +126,8 @@ def test_one_step_second_order_is_first_order():
     d = optimal_denoiser(MIX_2D)
     x = x_T(MIX_2D, 4)[:64]
     torch.testing.assert_close(
-        sample_dpmpp_2m(d, x, steps=1, clip_denoised=False), sample_ddim(d, x, steps=[999], clip_denoised=False)
+        sample_dpmpp_2m(d, x, steps=1, clip_denoised=False),
+        sample_ddim(d, x, steps=UseTimesteps([999]), clip_denoised=False),
     )
 
 
@@ -307,7 +309,8 @@ def test_unknown_sampler_lists_names():
         get_sampler("")
 
 
-@pytest.mark.parametrize("steps", [0, -3, 1001, "logsnr0", "karras2000", "ddim0", "bogus", [5, 3]])
+@pytest.mark.parametrize("steps", [0, -3, 1001, "logsnr0", "karras2000", "ddim0", "bogus", UseTimesteps([5, 3]),
+                                   [5, 3]])
 @pytest.mark.parametrize("sampler", [*FAST, sample_ancestral], ids=lambda f: f.__name__)
 def test_bad_steps(sampler, steps):
     d = optimal_denoiser(MIX_2D)

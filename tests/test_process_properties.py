@@ -12,6 +12,7 @@ from difflab import (
     Parameterization,
     Process,
     UniformSampler,
+    UseTimesteps,
     get_v,
     predict_eps_from_x0,
     predict_x0_from_eps,
@@ -74,13 +75,13 @@ def test_eps_x0_v_round_trips():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_respacing_every_step_is_identity(schedule):
     process = Process.named(schedule, 200)
-    same = process.respace(list(range(200)))
+    same = process.respace(UseTimesteps(range(200)))
     torch.testing.assert_close(same.betas, process.betas, rtol=1e-12, atol=0)
     assert same.timestep_map.tolist() == list(range(200))
     assert process.respace("200").timestep_map.tolist() == list(range(200))
     net = lambda x, t: torch.tanh(x + t.double().reshape(-1, 1, 1, 1) / 200)  # noqa: E731
     d_full = Denoiser(net, process, Parameterization("eps", "fixed_large"))
-    d_same = d_full.respace(list(range(200)))
+    d_same = d_full.respace(UseTimesteps(range(200)))
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
     t = torch.tensor([0, 50, 199])
     a, b = d_full(x, t), d_same(x, t)
@@ -93,7 +94,7 @@ def test_respacing_keeps_alpha_bar_and_composes():
     sub = process.respace("ddim50")
     kept = sub.timestep_map
     torch.testing.assert_close(sub.alphas_cumprod, process.alphas_cumprod[kept], rtol=1e-12, atol=0)
-    subsub = sub.respace([0, 10, 49])
+    subsub = sub.respace(UseTimesteps([0, 10, 49]))
     assert subsub.timestep_map.tolist() == [kept[0].item(), kept[10].item(), kept[49].item()]
     torch.testing.assert_close(subsub.alphas_cumprod, process.alphas_cumprod[subsub.timestep_map], rtol=1e-12, atol=0)
 

@@ -47,14 +47,14 @@ from difflab.samplers import (
     sample_euler,
     sample_heun,
 )
-from difflab.schedules import betas_for_alpha_bar, get_named_beta_schedule, space_timesteps
+from difflab.schedules import UseTimesteps, betas_for_alpha_bar, get_named_beta_schedule, space_timesteps
 from difflab.timesteps import LossSecondMomentResampler, UniformSampler, create_timestep_sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Denoiser", "Parameterization", "PMeanVar", "Process",
-    "betas_for_alpha_bar", "get_named_beta_schedule", "space_timesteps",
+    "betas_for_alpha_bar", "get_named_beta_schedule", "space_timesteps", "UseTimesteps",
     "q_sample", "q_mean_variance", "q_posterior_mean_variance", "p_mean_variance",
     "predict_x0_from_eps", "predict_eps_from_x0", "predict_x0_from_v", "get_v",
     "normal_kl", "discretized_gaussian_log_likelihood", "training_losses", "vb_terms_bpd",

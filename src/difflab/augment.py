@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from difflab.denoiser import Denoiser
 from difflab.nn.layers import timestep_embedding
 from difflab.process import Process, q_sample
-from difflab.schedules import space_timesteps
+from difflab.schedules import UseTimesteps, space_timesteps
 
 Tensor = torch.Tensor
 
@@ -100,14 +100,15 @@ def blur_augment(z: Tensor, sigma: Tensor) -> Tensor:
     return out
 
 
-def truncation_steps(T: int, s: int, steps: str | int | None = None) -> list[int]:
+def truncation_steps(T: int, s: int, steps: str | int | None = None) -> UseTimesteps:
     """The kept original indices of a low-res chain of T steps truncated at level s >= 1: index s - 1
-    (whose noise level is the paper's step s) and ``steps`` (a respacing spec, None = all) spread over
-    s..T-1. A sampler run on them with ``end = 1`` returns z_s."""
+    (whose noise level is the paper's step s) and ``steps`` (a striding rule, None = all) spread over
+    s..T-1, as explicit indices (:class:`~difflab.schedules.UseTimesteps`) for a sampler's ``steps``.
+    A sampler run on them with ``end = 1`` returns z_s."""
     if not 1 <= s <= T - 1:
         raise ValueError(f"a truncated chain needs a level s in 1..{T - 1}, got {s} (s = 0: the full chain)")
     rest = range(s, T) if steps is None else [s + i for i in space_timesteps(T - s, steps)]
-    return [s - 1, *rest]
+    return UseTimesteps([s - 1, *rest])
 
 
 def sample_truncated(sampler: Callable[..., Tensor], denoiser: Denoiser, x_T: Tensor | Any, s: int, *,

@@ -88,16 +88,14 @@ class Parameterization:
             return torch.exp(var_values), var_values
         if self.var_type == "learned_range":
             min_log = process.extract("posterior_log_variance_clipped", t, x_t)
-            max_log = torch.log(process.extract("betas", t, x_t))
+            max_log = process.extract("log_betas", t, x_t)  # log in float64, then cast (official)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
             return torch.exp(log_variance), log_variance
         name = "posterior_variance" if self.var_type == "fixed_small" else "large_variance"
         variance = process.extract(name, t, x_t).expand_as(x_t)
-        if self.var_type == "fixed_small":
-            log_variance = process.extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
-        else:
-            log_variance = torch.log(variance)
+        name = "posterior_log_variance_clipped" if self.var_type == "fixed_small" else "large_log_variance"
+        log_variance = process.extract(name, t, x_t).expand_as(x_t)
         return variance, log_variance
 
     def pred_x0(self, process: Process, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:

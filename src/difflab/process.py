@@ -9,7 +9,9 @@ Notation (code -> paper), with code index ``t`` = paper t+1:
     posterior_mean_coef2  sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)                  (DDPM eq. 7)
 
 Coefficients are kept in float64 and gathered in the dtype of the data they multiply: float64 data
-gives the official formulas in float64; float32 data gives the official code's float32 casts.
+gives the official formulas in float64; float32 data gives the official code's float32 casts. Logs are
+taken in float64 and then cast (``log_betas``, ``large_log_variance``), as the official code does, so a
+float32 log variance is the float64 value rounded once, never the log of a rounded variance.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from difflab.schedules import get_named_beta_schedule, respace_betas, space_timesteps
+from difflab.schedules import get_named_beta_schedule, resolve_timesteps, respace_betas
 
 Tensor = torch.Tensor
 
@@ -51,8 +53,10 @@ class Process:
         ac_prev = np.append(1.0, ac[:-1])
         ac_next = np.append(ac[1:], 0.0)
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        large_var = np.append(post_var[1] if T > 1 else betas[0], betas[1:])
         arrays = {
             "betas": betas,
+            "log_betas": np.log(betas),  # learned range: the upper end log beta_t
             "alphas_cumprod": ac,
             "alphas_cumprod_prev": ac_prev,
             "alphas_cumprod_next": ac_next,
@@ -67,7 +71,8 @@ class Process:
             "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
             "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
             # Fixed-large variance: beta_t, with beta~_2 at t = 0 (official code).
-            "large_variance": np.append(post_var[1] if T > 1 else betas[0], betas[1:]),
+            "large_variance": large_var,
+            "large_log_variance": np.log(large_var),
         }
         self._arrays = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
         self.timestep_map = torch.from_numpy(timestep_map.copy())
@@ -83,13 +88,11 @@ class Process:
         """A process over a subset of this one's steps (Improved DDPM sec. 4).
 
         ``spec``: a striding string ("250", "10,10,3,2,2", "ddim50", "fast27"), an int K (K evenly
-        strided steps), or an explicit increasing list of kept indices. The new process's
-        ``timestep_map`` composes with this one's, so the network still sees original indices.
+        strided steps), or explicit kept indices of this process, ``UseTimesteps([...])`` or a set
+        (a bare list is ambiguous and refused: :func:`~difflab.schedules.resolve_timesteps`). The new
+        process's ``timestep_map`` composes with this one's, so the network still sees original indices.
         """
-        if isinstance(spec, (str, int, np.integer)):
-            steps = space_timesteps(self.num_timesteps, spec)
-        else:
-            steps = list(spec)
+        steps = resolve_timesteps(self.num_timesteps, spec)
         local_map, new_betas = respace_betas(self._arrays["betas"].numpy(), steps)
         return Process(new_betas, self.timestep_map.numpy()[local_map])
 

@@ -9,6 +9,15 @@ Code indices are 0-based: code ``t = 0`` is the paper's ``t = 1`` (DDPM, Ho et a
   with beta_t = min(1 - abar_t/abar_{t-1}, 0.999).
 - Respacing (Improved DDPM sec. 4): keep an increasing subset S of the steps and recompute
   beta_i = 1 - abar_{S_i} / abar_{S_{i-1}}; the network still receives the original index S_i.
+
+Two spellings of which steps to keep, never confused (a bare list is what the official
+``space_timesteps`` reads as section counts, so ``[250]`` means 250 steps there and step 250 alone as
+indices; :func:`resolve_timesteps` refuses it and names both spellings):
+
+- a striding rule: ``"250"``, ``"10,10,3"``, ``"ddim50"``, ``"fast27"`` or an int K (and, in
+  :func:`space_timesteps` only, the official list of section counts ``[10, 10, 3]``);
+- explicit kept indices: :class:`UseTimesteps` ``([0, 10, 49])``, or a set (the official
+  ``use_timesteps``, what the official ``space_timesteps`` returns).
 """
 
 from __future__ import annotations
@@ -60,23 +69,67 @@ def get_named_beta_schedule(name: str, T: int) -> np.ndarray:
     raise ValueError(f"unknown beta schedule {name!r}; valid choices: {', '.join(SCHEDULES)}")
 
 
-def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> list[int]:
+class UseTimesteps(list):
+    """Explicit kept steps of a respacing: original indices, strictly increasing (checked against T when
+    used), e.g. ``sample_ddim(denoiser, x_T, steps=UseTimesteps([0, 10, 49]))``. The official
+    ``SpacedDiffusion(use_timesteps=...)``; a plain list is refused there (see :func:`resolve_timesteps`)."""
+
+    def __init__(self, steps: Iterable[int] = ()):
+        super().__init__(int(s) for s in steps)
+
+    def __repr__(self) -> str:
+        return f"UseTimesteps({list(self)!r})"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def resolve_timesteps(T: int, spec) -> list[int]:
+    """The kept original indices (sorted) of a respacing ``spec`` of a T-step process.
+
+    ``spec``: a striding rule (a string or an int K, see :func:`space_timesteps`) or explicit indices
+    (:class:`UseTimesteps`, or a set). Any other sequence is ambiguous and a ValueError naming both spellings.
+    """
+    if isinstance(spec, UseTimesteps):
+        return check_timesteps(T, spec)
+    if isinstance(spec, (set, frozenset)):
+        return check_timesteps(T, sorted(int(s) for s in spec))
+    if isinstance(spec, str) or _is_int(spec):
+        return space_timesteps(T, spec)
+    if not isinstance(spec, Iterable):
+        raise ValueError(f"bad respacing {spec!r}: expected a string ('250', '10,10,3', 'ddim50', 'fast27'), "
+                         "an int K or explicit indices UseTimesteps([...])")
+    shown = list(spec)[:6]
+    raise ValueError(
+        f"steps={shown!r} is ambiguous: a list is read as section counts by the official space_timesteps "
+        "([250] = 250 steps) but as kept indices by older difflab ([250] = step 250 alone); write section "
+        "counts as a string (\"250\", \"10,10,3\") or explicit indices as UseTimesteps([...]) "
+        "(from difflab.schedules)"
+    )
+
+
+def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> UseTimesteps:
     """Which of the original T steps to keep (Improved DDPM's striding rule), sorted ascending.
 
     ``section_counts`` may be:
     - ``"ddimK"``: the DDIM stride, ``range(0, T, k)`` for the k that gives exactly K steps;
     - ``"fast27"``: GLIDE's 27-step upsampler schedule, ``"10,10,3,2,2"`` with T-1 replaced by T-3;
-    - ``"K"`` / ``"a,b,c"`` / an int / a list of ints: split [0, T) into equal sections and take
-      that many evenly spaced (rounded) steps from each section.
+    - ``"K"`` / ``"a,b,c"`` / an int / a list of ints (the official list form): split [0, T) into equal
+      sections and take that many evenly spaced (rounded) steps from each section.
+    Returns :class:`UseTimesteps` (a list), which respacing then reads as explicit indices.
     """
     T = _check_T(T)
+    if isinstance(section_counts, (UseTimesteps, set, frozenset)):
+        raise ValueError(f"space_timesteps takes section counts, not kept steps {section_counts!r}: "
+                         "respace with the kept steps directly")
     if isinstance(section_counts, str):
         spec = section_counts.strip()
         if spec == "fast27":
             steps = set(space_timesteps(T, "10,10,3,2,2"))
             steps.discard(T - 1)
             steps.add(T - 3)
-            return sorted(steps)
+            return UseTimesteps(sorted(steps))
         if spec.startswith("ddim"):
             try:
                 desired = int(spec[len("ddim"):])
@@ -84,7 +137,7 @@ def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> list[i
                 raise ValueError(f"bad respacing {spec!r}: expected 'ddimK' with an integer K") from None
             for stride in range(1, T + 1):
                 if len(range(0, T, stride)) == desired:
-                    return list(range(0, T, stride))
+                    return UseTimesteps(range(0, T, stride))
             raise ValueError(f"cannot create exactly {desired} steps with an integer stride from T={T}")
         try:
             counts = [int(x) for x in spec.split(",")]
@@ -111,7 +164,7 @@ def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> list[i
             kept.append(start + round(cur))
             cur += stride
         start += size
-    return sorted(set(kept))
+    return UseTimesteps(sorted(set(kept)))
 
 
 def check_timesteps(T: int, use_timesteps: Iterable[int]) -> list[int]:

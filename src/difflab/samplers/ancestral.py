@@ -57,7 +57,8 @@ def sample_ancestral(
 ) -> Tensor:
     """Draw x_0 by ancestral sampling from x_T (a tensor, or a shape to draw N(0, I) from ``generator``).
 
-    ``steps`` respaces the process first (e.g. 250, "ddim50", "10,10,3,2,2"; see ``Process.respace``).
+    ``steps`` respaces the process first (e.g. 250, "ddim50", "10,10,3,2,2", ``UseTimesteps([...])``;
+    see ``Process.respace``).
     ``end = 1`` stops the chain at the noise level of the first kept step (a truncated chain:
     :func:`difflab.augment.sample_truncated`).
     """

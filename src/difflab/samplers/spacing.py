@@ -4,7 +4,7 @@ Every solver here works on the *discrete* process of the denoiser: it keeps a su
 steps (exactly as respacing does, Improved DDPM sec. 4), evaluates the network only at the kept
 original indices, and ends with a jump to abar = 1 (sigma = 0), where the state is the last x0
 estimate. The step rule ``steps`` is what :meth:`Process.respace` takes (an int K, "K",
-"a,b,c", "ddimK", "fast27", or an explicit increasing list) plus three solver spacings; a bare
+"a,b,c", "ddimK", "fast27", or explicit indices ``UseTimesteps([...])``) plus three solver spacings; a bare
 int K means "timeK" for DPM-Solver++ and "logsnrK" for Euler / Heun (:func:`respace_for_solver`):
 
     "logsnrK"    K steps uniform in lambda = log(alpha / sigma) between the last and the first step,
@@ -38,6 +38,7 @@ from difflab.denoiser import Denoiser
 from difflab.guidance import CondFn, condition_score
 from difflab.prediction import PMeanVar
 from difflab.process import Process
+from difflab.schedules import UseTimesteps
 
 Tensor = torch.Tensor
 StepSpec = str | int | Sequence[int] | None
@@ -45,18 +46,18 @@ StepSpec = str | int | Sequence[int] | None
 _SOLVER_SPEC = re.compile(r"^(logsnr|time|karras)(\d+)$")
 
 
-def _nearest(values: np.ndarray, targets: np.ndarray) -> list[int]:
+def _nearest(values: np.ndarray, targets: np.ndarray) -> UseTimesteps:
     """Indices of the entries of increasing ``values`` [T] nearest to each of ``targets`` [K], sorted, unique."""
     idx = np.clip(np.searchsorted(values, targets), 1, len(values) - 1)
     left_closer = np.abs(targets - values[idx - 1]) <= np.abs(values[idx] - targets)
-    return sorted({int(i) for i in np.where(left_closer, idx - 1, idx)})
+    return UseTimesteps(sorted({int(i) for i in np.where(left_closer, idx - 1, idx)}))
 
 
 def solver_timesteps(process: Process, steps: StepSpec) -> StepSpec:
     """Resolve a solver spacing ("logsnrK", "timeK", "karrasK") into kept step indices of ``process``.
 
     Any other spec is returned unchanged for :meth:`Process.respace` (which validates it).
-    Returns a sorted list of indices in [0, T) or the spec itself.
+    Returns sorted indices in [0, T) as :class:`~difflab.schedules.UseTimesteps`, or the spec itself.
     """
     if not isinstance(steps, str):
         return steps
@@ -69,9 +70,9 @@ def solver_timesteps(process: Process, steps: StepSpec) -> StepSpec:
         raise ValueError(f"bad step spec {steps!r}: the number of steps must lie in 1..{T} (the process has {T})")
     abar = process.alphas_cumprod.numpy()
     if kind == "time":
-        return sorted({int(round(s)) for s in np.linspace(0, T - 1, K + 1)[1:]})
+        return UseTimesteps(sorted({int(round(s)) for s in np.linspace(0, T - 1, K + 1)[1:]}))
     if K == 1:
-        return [T - 1]
+        return UseTimesteps([T - 1])
     if kind == "logsnr":
         lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # decreasing in t
         targets = np.linspace(lam[-1], lam[0], K)

@@ -113,7 +113,7 @@ def sample_dpmpp_2m(
             the solver reads x0^ (``pred_xstart``) only.
         x_T: [N, C, ...] initial noise, or a shape to draw N(0, I) from ``generator``.
         steps: which steps to visit (K steps = K network evaluations): an int K (= "timeK", diffusers'
-            default "linspace" spacing), any respacing string ("ddim20", "20"), an explicit list, or a solver
+            default "linspace" spacing), any respacing string ("ddim20", "20"), ``UseTimesteps([...])``, or a solver
             spacing "timeK" / "logsnrK" (uniform in log-SNR) / "karrasK" (see :mod:`difflab.samplers.spacing`);
             ``None`` visits every step of the denoiser's process.
         order: 2 (DPM-Solver++(2M)) or 1 (DPM-Solver++(1) = DDIM with eta = 0).

@@ -641,6 +641,47 @@ class ClassifierRunConfig:
         return f"{self.diffusion.schedule}/{self.diffusion.steps}"
 
 
+@dataclass(frozen=True)
+class SceneFeaturesRunConfig:
+    """The scene evaluator's feature network (:class:`difflab.eval.scenes.SceneFeatureNet`) trained on captioned
+    MNIST scenes to read each scene's layout and both objects' digit and colour. A YAML file whose top level says
+    ``task: scene_features`` is one; it trains on the one loop
+    (:class:`difflab.train.tasks.scene_features.SceneFeaturesTask`, docs/scenes.md)."""
+
+    # the training scenes: source scenes at image_size 32 (each example is its 32x32 render or its 16x16 one)
+    data: DataConfig
+    # marks the file as a scene-feature config (a diffusion config has no 'task')
+    task: Literal["scene_features"] = "scene_features"
+    # the loop's settings (optimiser, lr schedule, batch, checkpoints)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # probability that an example is its 16x16 render upsampled to 32x32 (as SceneFeatureNet does) instead of its
+    # 32x32 render
+    p_low_res: float = 0.5
+    # probability that an example gets Gaussian pixel noise (sigma in [-1, 1] units; then clipped to [-1, 1])
+    p_noise: float = 0.5
+    # the noise's sigma ~ U(0, max_noise_sigma), per example
+    max_noise_sigma: float = 0.1
+    # scored at the end: this many test scenes (the 1,000 reference scenes first, then test scenes of seed 1) at
+    # 64 / 32 / 16, and the first min(eval_scenes, num_scenes) training scenes at 32 / 16
+    eval_scenes: int = 5000
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        d = self.data
+        if d.source != "scenes":
+            raise ConfigError(("data", "source"), f"must be 'scenes' for task scene_features; got {d.source!r}")
+        if d.image_size != 32:
+            raise ConfigError(("data", "image_size"), "must be 32 for task scene_features (the network's working "
+                                                      f"size; the 16x16 renders come with it); got {d.image_size}")
+        if d.low_res_size is not None:
+            raise ConfigError(("data", "low_res_size"), "must be null for task scene_features (the 16x16 renders "
+                                                        f"are the scenes' own); got {d.low_res_size}")
+        _require(self, 0 <= self.p_low_res <= 1, "p_low_res", "must be in [0, 1]")
+        _require(self, 0 <= self.p_noise <= 1, "p_noise", "must be in [0, 1]")
+        _require(self, self.max_noise_sigma >= 0, "max_noise_sigma", "must be >= 0")
+        _require(self, self.eval_scenes >= 1, "eval_scenes", "must be >= 1")
+
+
 # ============================================================================ model presets
 
 
@@ -716,11 +757,16 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
     return from_dict(Config, apply_overrides(dict(data or {}), overrides))
 
 
+# the config class of each `task:` a YAML file may name (a diffusion config names none)
+TASK_CONFIGS: dict[str, type] = {"classifier": ClassifierRunConfig, "scene_features": SceneFeaturesRunConfig}
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply ``overrides`` (``["train.lr=1e-4", ...]``) and validate it.
 
-    A file whose top level says ``task: classifier`` is a noisy-classifier config and comes back as a
-    :class:`ClassifierRunConfig` instead.
+    A file whose top level says ``task: NAME`` is the config of another training task and comes back as
+    that task's class (:data:`TASK_CONFIGS`: ``classifier`` a :class:`ClassifierRunConfig`, ``scene_features``
+    a :class:`SceneFeaturesRunConfig`) instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -733,7 +779,11 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
         raise ConfigError((), f"{path}: expected a mapping of sections at the top level")
     try:
         if isinstance(data, Mapping) and "task" in data:
-            return from_dict(ClassifierRunConfig, apply_overrides(dict(data), overrides))
+            task = data["task"]
+            if not isinstance(task, str) or task not in TASK_CONFIGS:
+                raise ConfigError(("task",), f"unknown task {task!r}; valid: {', '.join(TASK_CONFIGS)} "
+                                             "(a diffusion config has no 'task')")
+            return from_dict(TASK_CONFIGS[task], apply_overrides(dict(data), overrides))
         return config_from_dict(data or {}, overrides)
     except ConfigError as e:
         raise ConfigError(e.path, f"{e.problem} (in {path})") from None

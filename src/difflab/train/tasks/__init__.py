@@ -3,7 +3,10 @@
 - :class:`~difflab.train.tasks.diffusion.DiffusionTask`: a denoiser (DDPM / iDDPM / ADM / CFG), from a
   :class:`~difflab.config.Config`;
 - :class:`~difflab.train.tasks.classifier.ClassifierTask`: a noisy classifier for classifier guidance
-  (ADM Sec. 4), from a :class:`~difflab.config.ClassifierRunConfig` (``task: classifier``).
+  (ADM Sec. 4), from a :class:`~difflab.config.ClassifierRunConfig` (``task: classifier``);
+- :class:`~difflab.train.tasks.scene_features.SceneFeaturesTask`: the scene evaluator's feature network
+  (:class:`~difflab.eval.scenes.SceneFeatureNet`), from a :class:`~difflab.config.SceneFeaturesRunConfig`
+  (``task: scene_features``).
 
 :mod:`difflab.train.tasks.base` says what a task supplies and what the loop does with it.
 """
@@ -19,15 +22,19 @@ __all__ = ["Task", "make_task"]
 
 def make_task(cfg: Any) -> Task:
     """The task a run config describes (by its type)."""
-    from difflab.config import ClassifierRunConfig, Config
+    from difflab.config import ClassifierRunConfig, Config, SceneFeaturesRunConfig
 
     if isinstance(cfg, ClassifierRunConfig):
         from difflab.train.tasks.classifier import ClassifierTask
 
         return ClassifierTask(cfg)
+    if isinstance(cfg, SceneFeaturesRunConfig):
+        from difflab.train.tasks.scene_features import SceneFeaturesTask
+
+        return SceneFeaturesTask(cfg)
     if isinstance(cfg, Config):
         from difflab.train.tasks.diffusion import DiffusionTask
 
         return DiffusionTask(cfg)
     raise ValueError(f"no training task for a {type(cfg).__name__}; valid: Config (diffusion), "
-                     "ClassifierRunConfig (task: classifier)")
+                     "ClassifierRunConfig (task: classifier), SceneFeaturesRunConfig (task: scene_features)")

@@ -159,11 +159,28 @@ def test_model_section_explicit_fields_and_wrong_preset_kind():
     assert isinstance(cfg, Config)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.endswith(".cascade.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg = load_config(path)
     save_config(cfg, tmp_path / "again.yaml")
     assert load_config(tmp_path / "again.yaml") == cfg
+
+
+def test_the_cdm_cascade_file_chains_its_shipped_stage_configs():
+    """configs/cdm-imagenet.cascade.yaml lists run folders of the three shipped CDM configs, which chain by size."""
+    from difflab.pipelines.cascade import is_cascade_file, load_cascade
+
+    path = CONFIGS / "cdm-imagenet.cascade.yaml"
+    assert is_cascade_file(path) and not any(is_cascade_file(p) for p in RUN_CONFIGS)
+    cascade = load_cascade(path)
+    assert cascade.stages and not cascade.stages[0].aug_level
+    sizes = [load_config(CONFIGS / f).data for f in ("cdm-imagenet-32.yaml", "cdm-imagenet-32-64.yaml",
+                                                      "cdm-imagenet-64-256.yaml")]
+    assert len(cascade.stages) == len(sizes)
+    assert [d.low_res_size for d in sizes[1:]] == [d.image_size for d in sizes[:-1]]
 
 
 def test_miniature_configs_fit_their_data():

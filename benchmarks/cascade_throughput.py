@@ -1,0 +1,101 @@
+"""Throughput of the cascade miniature on the CPU: super-resolution training (img/s of ``Trainer.train_step`` on
+configs/mnist-cascade-sr14-28.yaml, batch 32, noise augmentation) and cascade sampling (img/s of the 14x14 base
+then the 14 -> 28 stage through difflab.pipelines.cascade, ancestral, ``--steps`` steps each), in float32 and
+under bf16 autocast, timed in interleaved rounds (fp32 bf16 fp32 ...; the median round is reported). Freshly
+initialised networks: speed does not depend on the weights.
+
+    python benchmarks/cascade_throughput.py --threads 2 --rounds 3
+
+Writes docs/results/cascade-throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results"
+
+
+def train_rate(cfg, steps: int) -> float:
+    from difflab.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as run:
+        tr = Trainer(cfg, run, quiet=True)
+        tr.net.train()
+        for _ in range(3):
+            tr.train_step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tr.train_step()
+        return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+
+
+def sample_rate(base_cfg, sr_cfg, n: int, steps: int, bf16: bool) -> float:
+    from difflab.build import build_denoiser, build_model
+    from difflab.pipelines.cascade import CascadeConfig, Stage, StageConfig, check_chain, sample_cascade
+
+    stages = []
+    for name, cfg in (("base", base_cfg), ("sr", sr_cfg)):
+        torch.manual_seed(0)
+        net = build_model(cfg).eval()
+        level = 100 if name == "sr" else None
+        spec = StageConfig(run=name, sampler="ancestral", steps=steps, bf16=bf16, aug_level=level)
+        stages.append(Stage(spec, cfg, build_denoiser(cfg, net)))
+    check_chain(stages, "all")
+    cascade = CascadeConfig(stages=tuple(s.spec for s in stages), n=n, batch=n, label="all")
+    t0 = time.perf_counter()
+    sample_cascade(cascade, stages, distributed=False)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--n", type=int, default=64, help="images per cascade sampling")
+    ap.add_argument("--steps", type=int, default=25, help="sampling steps of each stage")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from difflab.config import load_config
+
+    rows: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for bf16 in (False, True):
+            tag = "bf16" if bf16 else "fp32"
+            sr = load_config(ROOT / "configs" / "mnist-cascade-sr14-28.yaml", [f"train.bf16={str(bf16).lower()}"])
+            base = load_config(ROOT / "configs" / "mnist-cascade-base14.yaml", ["data.path=unused.npz"])
+            rows.setdefault(f"SR 14 -> 28 training, {tag}", []).append(train_rate(sr, args.train_steps))
+            rows.setdefault(f"cascade 14 -> 28 sampling, {tag}", []).append(
+                sample_rate(base, sr, args.n, args.steps, bf16))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    record = {"command": "python benchmarks/cascade_throughput.py " + " ".join(sys.argv[1:]),
+              "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores, {platform.processor()}",
+              "torch": torch.__version__, "threads": args.threads, "img_per_s": rows, "median": med}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "cascade-throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["# Cascade miniature throughput (CPU)", "",
+             f"`{record['command']}` ({record['date']}, {record['machine']}, torch {record['torch']}, "
+             f"{args.threads} threads; median of {args.rounds} interleaved rounds). Training: batch 32, noise "
+             f"augmentation, the whole loop step. Sampling: {args.n} images, base 14x14 then SR 14 -> 28, "
+             f"ancestral {args.steps} steps each (2 x {args.steps} network calls per image batch).", "",
+             "| what | img/s | rounds |", "|---|---|---|"]
+    lines += [f"| {k} | {med[k]:.1f} | {', '.join(f'{v:.1f}' for v in rows[k])} |" for k in rows]
+    (OUT / "cascade-throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -90,8 +90,12 @@ def load_run_config(run_dir: str | os.PathLike, *, any_task: bool = False) -> Co
         return converted_run_config(run)
     cfg = load_config(run / CONFIG_NAME)
     if not isinstance(cfg, Config) and not any_task:
-        raise ValueError(f"{run} is a noisy-classifier run (task: classifier): guide a diffusion run with it, "
-                         f"e.g. difflab sample RUN --classifier {run} --classifier-scale S")
+        task = getattr(cfg, "task", "?")
+        if task == "classifier":
+            raise ValueError(f"{run} is a noisy-classifier run (task: classifier): guide a diffusion run with it, "
+                             f"e.g. difflab sample RUN --classifier {run} --classifier-scale S")
+        raise ValueError(f"{run} is a {task} run (task: {task}), not a diffusion model: it has nothing to sample "
+                         "or score; its outputs are in the run folder (docs/training.md)")
     return cfg
 
 

@@ -153,4 +153,4 @@ def test_bad_classifier_configs(runs, tmp_path, capsys):
            "classifier.depth", "unknown key")
     bad = tmp_path / "task.yaml"
     bad.write_text(CLF_CONFIG.read_text().replace("task: classifier", "task: clasifier"))
-    _fails(capsys, ["train", str(bad), "--out", str(tmp_path / "c")], "task", "'classifier'")
+    _fails(capsys, ["train", str(bad), "--out", str(tmp_path / "c")], "unknown task 'clasifier'", "valid: classifier")

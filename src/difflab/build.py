@@ -142,7 +142,6 @@ def load_run(
     file, an EMA rate the run does not have, or weights that do not fit the configured network.
     """
     from difflab.convert import is_converted_folder, load_converted
-    from difflab.train.checkpoint import load_weights
     from difflab.train.ema import ema_name
 
     cfg = load_run_config(run_dir)
@@ -155,11 +154,34 @@ def load_run(
     if ema is not None and float(ema) not in cfg.train.ema_rates:
         raise ValueError(f"the run has no EMA at rate {ema}; its rates: {list(cfg.train.ema_rates)}")
     which = "model" if ema is None else ema_name(float(ema))
-    state = load_weights(ckpt, which, device="cpu")
+    state, ckpt = _verified_weights(run_dir, ckpt, which, fallback=checkpoint is None)
     net = build_model(cfg)
     load_state_strict(net, state, where=f"{ckpt}/{which}.safetensors")
     net.to(device).eval()
     return cfg, net, build_denoiser(cfg, net)
+
+
+def _verified_weights(run_dir, ckpt: Path, which: str, *, fallback: bool) -> tuple[dict, Path]:
+    """The weights ``which`` of ``ckpt``, checked against its manifest's sha256. When they fail and
+    ``fallback`` (the latest checkpoint was asked for), the newest older checkpoint whose file passes is
+    used, with one warning naming both; otherwise the ValueError naming the bad file."""
+    import warnings
+
+    from difflab.train.checkpoint import list_checkpoints, load_weights
+
+    try:
+        return load_weights(ckpt, which, device="cpu"), ckpt
+    except ValueError as first:
+        if not fallback:
+            raise
+        for older in reversed([c for c in list_checkpoints(run_dir) if c.name < ckpt.name]):
+            try:
+                state = load_weights(older, which, device="cpu")
+            except ValueError:
+                continue
+            warnings.warn(f"{first}; using the newest good checkpoint instead: {older}", stacklevel=3)
+            return state, older
+        raise
 
 
 def official_denoiser(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Denoiser:

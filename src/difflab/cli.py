@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -300,11 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return "difflab: warning: " + " ".join(str(message).split()) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``difflab``; returns the exit status (2 on bad input)."""
     from difflab.train.distributed import cleanup
 
     args = build_parser().parse_args(argv)
+    saved_format = warnings.formatwarning
+    if not args.debug:  # a warning is one line, without the source path and line of the library code
+        warnings.formatwarning = _one_line_warning
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
@@ -317,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Under torchrun every command leaves the process group before the interpreter exits: a gloo
         # group torn down by exit instead can abort ("terminate called without an active exception").
         cleanup()
+        warnings.formatwarning = saved_format
 
 
 if __name__ == "__main__":

@@ -511,20 +511,36 @@ def gather_checkpoint(ckpt: str | os.PathLike) -> list[Path]:
     return written
 
 
-def load_weights(ckpt: str | os.PathLike, which: str = "model", *, device: str = "cpu") -> dict[str, Tensor]:
+def load_weights(ckpt: str | os.PathLike, which: str = "model", *, device: str = "cpu",
+                 verify: bool = True) -> dict[str, Tensor]:
     """One set of weights from a checkpoint directory (or a run folder: its latest checkpoint):
     ``which`` = ``"model"`` or an EMA name such as ``"ema_0.9999"``. A sharded (FSDP) checkpoint is
-    gathered from its per-rank files in memory (see :func:`gather_checkpoint` to write one file)."""
+    gathered from its per-rank files in memory (see :func:`gather_checkpoint` to write one file).
+    ``verify``: every file read is checked against the manifest's sha256 first (ValueError naming it),
+    so weights that fail their own check are never used."""
     ckpt = Path(ckpt)
     if ckpt.is_dir() and not (ckpt / MANIFEST).exists() and _step_dirs(ckpt):
         ckpt = latest_checkpoint(ckpt) or ckpt
     manifest = verify_checkpoint(ckpt, hashes=False)
     name = f"{which}.safetensors"
     if name not in manifest["files"]:
-        gathered = _gathered(ckpt, manifest, which, device) if manifest.get("shards") else None
-        if gathered is not None:
-            return gathered
+        if manifest.get("shards"):
+            from difflab.train.fsdp import shard_name
+
+            names = [shard_name(which, r, int(manifest["shards"])) for r in range(int(manifest["shards"]))]
+            if all(n in manifest["files"] for n in names):
+                for n in names if verify else ():
+                    _verify_file(ckpt, n, manifest)
+                return _gathered(ckpt, manifest, which, device)
         have = sorted({n.split(".shard-")[0].removesuffix(".safetensors") for n in manifest["files"]
                        if n.endswith(".safetensors")})
         raise ValueError(f"checkpoint {ckpt} has no {which!r} weights; it has {', '.join(have)}")
+    if verify:
+        _verify_file(ckpt, name, manifest)
     return _load_safetensors(ckpt / name, device)
+
+
+def _verify_file(ckpt: Path, name: str, manifest: dict[str, Any]) -> None:
+    """ValueError naming ``ckpt/name`` when its sha256 is not the manifest's."""
+    if _sha256(ckpt / name) != manifest["files"][name]["sha256"]:
+        raise ValueError(f"{ckpt / name}: corrupt (sha256 does not match the manifest)")

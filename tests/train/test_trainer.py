@@ -171,3 +171,26 @@ def test_compiled_training_matches_eager(tmp_path):
                      *sets(*TINY_SET, "train.log_every=1", f"train.compile={compiled}")]) == 0
         losses[compiled] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
     np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-4)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_zero(tmp_path):
+    """Only config.yaml (and maybe some log lines) exist: --resume starts again from step 0 with the saved
+    config and ends equal to an uninterrupted run."""
+    knobs = [*TINY_SET, "train.save_every=1000", "train.max_steps=30", "data.random_flip=true"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_cli("train", str(TINY), "--out", str(whole), "--quiet", *sets(*knobs))
+    proc = subprocess.Popen(difflab_cmd("train", str(TINY), "--out", str(killed), "--quiet", *sets(*knobs)),
+                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(killed / "config.yaml", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not list_checkpoints(killed)
+    run_cli("train", "--resume", str(killed), "--quiet")
+    a, b = weights(whole), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop_time = [{k: v for k, v in r.items() if k != "img/s"} for r in read_metrics(whole / "metrics.jsonl")]
+    assert drop_time == [{k: v for k, v in r.items() if k != "img/s"} for r in read_metrics(killed / "metrics.jsonl")]

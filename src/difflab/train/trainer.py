@@ -166,9 +166,12 @@ class Trainer:
             if not self.run_dir.is_dir():
                 raise FileNotFoundError(f"run folder not found: {self.run_dir}")
             ckpt = latest_checkpoint(self.run_dir)
-            if ckpt is None and not (self.run_dir / CONFIG_NAME).is_file():
+            # killed before its first checkpoint (a config and no ckpt_ folder at all): the run starts again
+            # from step 0 with its saved config; unusable checkpoints are never written over
+            started = (self.run_dir / CONFIG_NAME).is_file() and not any(
+                p.is_dir() and p.name.startswith("ckpt_") for p in self.run_dir.iterdir())
+            if ckpt is None and not started:
                 raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no complete checkpoint")
-            # killed before its first checkpoint: the run starts again from step 0 with its saved config
             return ckpt
         if list_checkpoints(self.run_dir):
             raise ValueError(

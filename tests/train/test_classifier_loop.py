@@ -4,12 +4,10 @@ uninterrupted run bit for bit (weights, EMAs, optimiser, log), and two gloo proc
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 
 import pytest
 import torch
-from train_helpers import ROOT, difflab_cmd, run_cli, sets, subprocess_env, torchrun, wait_for, weights
+from train_helpers import ROOT, run_cli, sets, torchrun, train_killed_at, weights
 
 from difflab.train.checkpoint import latest_checkpoint, list_checkpoints
 from difflab.train.classifier import load_classifier
@@ -28,15 +26,7 @@ def _no_time(path):
 def test_classifier_resume_after_sigkill_is_bit_identical(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_cli("train", str(CLF), "--out", str(whole), "--quiet", *sets(*KNOBS))
-    proc = subprocess.Popen(difflab_cmd("train", str(CLF), "--out", str(killed), "--quiet", *sets(*KNOBS)),
-                            env=subprocess_env(), stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        wait_for(killed / "ckpt_0000020" / "manifest.json", proc)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        proc.kill()
-        proc.wait()
+    train_killed_at(killed / "ckpt_0000020" / "manifest.json", str(CLF), "--out", str(killed), "--quiet", *sets(*KNOBS))
     steps_left = [int(p.name.split("_")[1]) for p in list_checkpoints(killed)]
     assert steps_left and max(steps_left) < 60, "the kill came too late to test anything"
     assert not (killed / "classifier.safetensors").exists()  # written at the end of a train call

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
 
 import numpy as np
 import pytest
 import torch
-from train_helpers import TINY, TINY_SET, difflab_cmd, run_cli, sets, subprocess_env, tree_hashes, wait_for, weights
+from train_helpers import (
+    TINY,
+    TINY_SET,
+    run_cli,
+    sets,
+    train_killed_at,
+    tree_hashes,
+    weights,
+)
 
 from difflab.cli import main
 from difflab.train.checkpoint import list_checkpoints
@@ -81,15 +87,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_cli("train", str(TINY), "--out", str(whole), "--quiet", *sets(*knobs))
 
-    proc = subprocess.Popen(difflab_cmd("train", str(TINY), "--out", str(killed), "--quiet", *sets(*knobs)),
-                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(killed / "ckpt_0000010" / "manifest.json", proc)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        proc.kill()
-        proc.wait()
+    train_killed_at(killed / "ckpt_0000010" / "manifest.json", str(TINY), "--out", str(killed), "--quiet",
+                    *sets(*knobs))
     steps_left = [int(p.name.split("_")[1]) for p in list_checkpoints(killed)]
     assert steps_left and max(steps_left) < 60, "the kill came too late to test anything"
 
@@ -179,15 +178,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_zero(tmp_pat
     knobs = [*TINY_SET, "train.save_every=1000", "train.max_steps=30", "data.random_flip=true"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_cli("train", str(TINY), "--out", str(whole), "--quiet", *sets(*knobs))
-    proc = subprocess.Popen(difflab_cmd("train", str(TINY), "--out", str(killed), "--quiet", *sets(*knobs)),
-                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(killed / "config.yaml", proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
+    train_killed_at(killed / "config.yaml", str(TINY), "--out", str(killed), "--quiet", *sets(*knobs))
     assert not list_checkpoints(killed)
     run_cli("train", "--resume", str(killed), "--quiet")
     a, b = weights(whole), weights(killed)

@@ -70,3 +70,19 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> None:
            "-m", "difflab", *args]
     p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert p.returncode == 0, f"torchrun difflab {' '.join(args)} failed:\n{p.stderr[-4000:]}"
+
+
+def train_killed_at(path: Path, *args: str) -> None:
+    """``difflab train ARGS`` in a subprocess, SIGKILLed as soon as ``path`` exists (a checkpoint's manifest,
+    the run's config.yaml): a crash at that point of the run."""
+    import signal
+
+    proc = subprocess.Popen(difflab_cmd("train", *args), env=subprocess_env(), stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        wait_for(path, proc)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()

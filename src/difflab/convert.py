@@ -37,6 +37,7 @@ from difflab.config import from_dict, save_config
 from difflab.fileio import atomic_write_with
 from difflab.nn.classifier import ClassifierConfig
 from difflab.nn.presets import build_network, config_from_official_flags, get_preset
+from difflab.nn.text_unet import TextUNetConfig
 from difflab.nn.unet import UNetConfig
 
 __all__ = [
@@ -59,6 +60,8 @@ __all__ = [
 
 # Official key prefix -> difflab key prefix. improved-/guided-diffusion keys are difflab keys as they are;
 # GLIDE's projection of the final text token (added to the time embedding) is difflab's generic cond_proj.
+# GLIDE's text encoder keys (transformer.*, token_embedding, positional_embedding, padding_embedding,
+# final_ln) are TextUNet's as they are (difflab.nn.text.TextEncoderMixin).
 KEY_RENAMES: dict[str, str] = {"transformer_proj.": "cond_proj."}
 
 _MAX_LISTED = 12
@@ -247,7 +250,7 @@ def load_official_state_dict(
     if flags is not None:
         if family is None:
             raise ValueError("family is required with flags; valid: improved-diffusion, guided-diffusion, "
-                             "guided-diffusion-classifier, guided-diffusion-sr")
+                             "guided-diffusion-classifier, guided-diffusion-sr, glide")
         check_flags(model.config, flags, family)
     mapped = check_state_dict(model, sd)
     on_meta = any(p.is_meta for p in model.parameters())
@@ -317,7 +320,7 @@ def converted_network_config(out_dir: str | os.PathLike) -> UNetConfig | Classif
     d = yaml.safe_load(cfg_path.read_text())
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_path} is not a mapping of config fields")
-    return from_dict(ClassifierConfig if "pool" in d else UNetConfig, d)
+    return from_dict(ClassifierConfig if "pool" in d else TextUNetConfig if "text" in d else UNetConfig, d)
 
 
 def load_converted(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:

@@ -20,6 +20,10 @@ parameter counts equal the published ones (tests/nn/test_presets.py checks again
     improved-diffusion/cifar10_uncond_50M_500K      52,546,438     iDDPM CIFAR-10
     improved-diffusion/imagenet64_uncond_100M_1500K 121,063,942    iDDPM ImageNet-64
     improved-diffusion/imagenet64_cond_270M_250K   273,049,350     iDDPM ImageNet-64 class-cond
+    glide/base                                     385,030,726     GLIDE (filtered) 64px text U-Net
+    glide/base-inpaint                             385,037,638     GLIDE inpainting (7 input channels)
+    glide/upsample                                 398,361,286     GLIDE upsampler 64 -> 256 (text)
+    glide/upsample-inpaint                         398,368,198     GLIDE upsampler + inpainting (10 inputs)
     ddpm-cifar10                                    35,746,307     DDPM (Ho et al.) in this architecture
     mnist-tiny                                         176,849     tests (8x8 .. 32x32, 1 channel)
     mnist-small                                      1,921,601     10-minute CPU training at 32x32
@@ -32,6 +36,8 @@ from typing import Any
 from torch import nn
 
 from difflab.nn.classifier import Classifier, ClassifierConfig
+from difflab.nn.text import TextEncoderConfig
+from difflab.nn.text_unet import TextUNet, TextUNetConfig
 from difflab.nn.unet import UNet, UNetConfig
 
 __all__ = [
@@ -58,6 +64,14 @@ _ADM_CLF = dict(classifier_use_fp16=False, classifier_width=128, classifier_atte
                 classifier_pool="attention")
 _IDDPM = dict(learn_sigma=True, use_checkpoint=False, attention_resolutions="16,8", num_heads=4,
               num_heads_upsample=-1, use_scale_shift_norm=True)
+# glide_text2im.model_creation.model_and_diffusion_defaults() without the diffusion flags: the released base
+# model; the upsampler is model_and_diffusion_defaults_upsampler() (256px, 2 res blocks, super_res).
+_GLIDE = dict(
+    image_size=64, num_channels=192, num_res_blocks=3, channel_mult="", num_heads=1, num_head_channels=64,
+    num_heads_upsample=-1, attention_resolutions="32,16,8", dropout=0.1, text_ctx=128, xf_width=512,
+    xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True, use_scale_shift_norm=True, resblock_updown=True,
+    use_fp16=True, cache_text_emb=False, inpaint=False, super_res=False)
+_GLIDE_UP = dict(_GLIDE, image_size=256, num_res_blocks=2, super_res=True)
 RELEASED_FLAGS: dict[str, dict[str, Any]] = {
     "guided-diffusion/64x64_diffusion": dict(
         _ADM, class_cond=True, dropout=0.1, image_size=64, num_channels=192, num_head_channels=64,
@@ -92,6 +106,11 @@ RELEASED_FLAGS: dict[str, dict[str, Any]] = {
         _IDDPM, image_size=64, num_channels=128, num_res_blocks=3, class_cond=False, dropout=0.0),
     "improved-diffusion/imagenet64_cond_270M_250K": dict(
         _IDDPM, image_size=64, num_channels=192, num_res_blocks=3, class_cond=True, dropout=0.0),
+    # glide-text2im: base, base-inpaint, upsample, upsample-inpaint (model_creation.py, the notebooks)
+    "glide/base": _GLIDE,
+    "glide/base-inpaint": dict(_GLIDE, inpaint=True),
+    "glide/upsample": _GLIDE_UP,
+    "glide/upsample-inpaint": dict(_GLIDE_UP, inpaint=True),
 }
 
 # Defaults of the official flag parsers (model_and_diffusion_defaults / classifier_defaults).
@@ -105,6 +124,7 @@ _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
         attention_resolutions="16,8", dropout=0.0, learn_sigma=False, class_cond=False, use_checkpoint=False,
         use_scale_shift_norm=True),
+    "glide": _GLIDE,
 }
 _CLASSIFIER_DEFAULTS = dict(
     image_size=64, classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
@@ -115,6 +135,7 @@ _CLASSIFIER_DEFAULTS = dict(
 _GUIDED_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 _IMPROVED_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 _SR_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+_GLIDE_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 
 
 def _mult(table: dict[int, tuple], size: int, given: Any = "") -> tuple:
@@ -138,18 +159,48 @@ def _heads_upsample(num_heads_upsample: Any, num_heads: Any, num_head_channels: 
     return num_heads_upsample
 
 
+def _glide_config(flags: dict[str, Any]) -> TextUNetConfig:
+    """glide_text2im.model_creation.create_model's rules: the default channel_mult per image size, attention
+    resolutions in pixels, in_channels 3 and out_channels 6 (eps + learned-range variance), the class chosen by
+    ``inpaint`` / ``super_res``; ``use_fp16`` and ``cache_text_emb`` do not change the function."""
+    f = {**_MODEL_DEFAULTS["glide"], **flags}
+    size = f["image_size"]
+    if f["channel_mult"] in ("", None):
+        mult = _mult(_GLIDE_MULT, size)
+    else:
+        mult = tuple(int(m) for m in str(f["channel_mult"]).split(","))
+        if 2 ** (len(mult) + 2) != size:  # the official assertion
+            raise ValueError(f"channel_mult={f['channel_mult']!r} is invalid for image_size={size}; valid: "
+                             f"{size.bit_length() - 3} levels (2 ** (levels + 2) == image_size) or ''")
+    return TextUNetConfig(
+        in_channels=3, model_channels=f["num_channels"], channel_mult=mult, num_res_blocks=f["num_res_blocks"],
+        attention_resolutions=_ds(f["attention_resolutions"], size), num_heads=f["num_heads"],
+        num_head_channels=f["num_head_channels"],
+        num_heads_upsample=_heads_upsample(f["num_heads_upsample"], f["num_heads"], f["num_head_channels"]),
+        dropout=float(f["dropout"]), use_scale_shift_norm=f["use_scale_shift_norm"],
+        resblock_updown=f["resblock_updown"], learn_sigma=True, inpaint=bool(f["inpaint"]),
+        low_res_channels=3 if f["super_res"] else 0, image_size=size,
+        text=TextEncoderConfig(text_ctx=f["text_ctx"], xf_width=f["xf_width"], xf_layers=f["xf_layers"],
+                               xf_heads=f["xf_heads"], xf_final_ln=f["xf_final_ln"], xf_padding=f["xf_padding"]),
+    )
+
+
 def config_from_official_flags(flags: dict[str, Any], family: str) -> UNetConfig | ClassifierConfig:
     """Turn the official script flags into a difflab config, following the official create_* rules.
 
     Args:
         flags: flags as in the official READMEs (``num_channels``, ``attention_resolutions="32,16,8"``,
             ``class_cond``, ...); missing flags take the repository's defaults.
-        family: ``"improved-diffusion"``, ``"guided-diffusion"`` (model), ``"guided-diffusion-classifier"``
-            or ``"guided-diffusion-sr"`` (SuperResModel; flags ``large_size``/``small_size``).
+        family: ``"improved-diffusion"``, ``"guided-diffusion"`` (model), ``"guided-diffusion-classifier"``,
+            ``"guided-diffusion-sr"`` (SuperResModel; flags ``large_size``/``small_size``) or ``"glide"``
+            (glide-text2im's model flags, ``inpaint`` / ``super_res``; a :class:`TextUNetConfig`).
     """
-    families = ("improved-diffusion", "guided-diffusion", "guided-diffusion-classifier", "guided-diffusion-sr")
+    families = ("improved-diffusion", "guided-diffusion", "guided-diffusion-classifier", "guided-diffusion-sr",
+                "glide")
     if family not in families:
         raise ValueError(f"family={family!r} is invalid; valid: {', '.join(families)}")
+    if family == "glide":
+        return _glide_config(flags)
     if family == "guided-diffusion-classifier":
         f = {**_CLASSIFIER_DEFAULTS, **flags}
         size = f["image_size"]
@@ -192,6 +243,10 @@ _OFFICIAL_CLASSES = {
     "guided_diffusion.unet.UNetModel": "unet",
     "guided_diffusion.unet.SuperResModel": "superres",
     "guided_diffusion.unet.EncoderUNetModel": "classifier",
+    "glide_text2im.text2im_model.Text2ImUNet": "text",
+    "glide_text2im.text2im_model.InpaintText2ImUNet": "text-inpaint",
+    "glide_text2im.text2im_model.SuperResText2ImUNet": "text-superres",
+    "glide_text2im.text2im_model.SuperResInpaintText2ImUnet": "text-superres-inpaint",
 }
 
 
@@ -200,12 +255,23 @@ def config_from_official_kwargs(class_name: str, kwargs: dict[str, Any]) -> UNet
 
     Args:
         class_name: e.g. ``"guided_diffusion.unet.UNetModel"`` (see ``_OFFICIAL_CLASSES``).
-        kwargs: the constructor keyword arguments (``attention_resolutions`` as downsample rates).
+        kwargs: the constructor keyword arguments (``attention_resolutions`` as downsample rates). GLIDE's
+            ``in_channels`` is the image's (3): the classes widen the first conv themselves, as difflab does.
     """
     if class_name not in _OFFICIAL_CLASSES:
         raise ValueError(f"unsupported official class {class_name!r}; valid: {', '.join(_OFFICIAL_CLASSES)}")
     kind = _OFFICIAL_CLASSES[class_name]
     kw = dict(kwargs)
+    text = None
+    if kind.startswith("text"):
+        if kw.pop("xf_ar", 0.0) or kw.pop("share_unemb", False):
+            raise ValueError(f"{class_name}: xf_ar (the auxiliary text-prediction head) is not supported; valid: 0.0")
+        kw.pop("cache_text_emb", None)
+        tokenizer = kw.pop("tokenizer", None)
+        text = TextEncoderConfig(
+            text_ctx=kw.pop("text_ctx"), xf_width=kw.pop("xf_width"), xf_layers=kw.pop("xf_layers"),
+            xf_heads=kw.pop("xf_heads"), xf_final_ln=kw.pop("xf_final_ln"), xf_padding=kw.pop("xf_padding", False),
+            **({"n_vocab": tokenizer.n_vocab} if tokenizer is not None else {}))
     if kw.pop("dims", 2) != 2:
         raise ValueError("only dims=2 (images) is supported")
     heads_up = _heads_upsample(kw.pop("num_heads_upsample", -1), kw.get("num_heads", 1),
@@ -225,6 +291,10 @@ def config_from_official_kwargs(class_name: str, kwargs: dict[str, Any]) -> UNet
         # EncoderUNetModel takes num_heads_upsample and ignores it (it has no upsampling half)
         cfg: UNetConfig | ClassifierConfig = ClassifierConfig(
             **common, image_size=kw.pop("image_size"), out_channels=out_channels, pool=kw.pop("pool", "adaptive"))
+    elif text is not None:
+        cfg = TextUNetConfig(
+            **common, num_heads_upsample=heads_up, out_channels=out_channels, inpaint="inpaint" in kind,
+            low_res_channels=common["in_channels"] if "superres" in kind else 0, text=text)
     else:
         cfg = UNetConfig(
             **common, num_heads_upsample=heads_up, out_channels=out_channels, num_classes=kw.pop("num_classes", None),
@@ -275,9 +345,12 @@ def get_preset(name: str) -> UNetConfig | ClassifierConfig:
 
 
 def build_network(config: UNetConfig | ClassifierConfig) -> nn.Module:
-    """``UNet`` or ``Classifier`` for a config (call under ``torch.device('meta')`` to allocate nothing)."""
+    """``UNet``, ``TextUNet`` or ``Classifier`` for a config (call under ``torch.device('meta')`` to allocate
+    nothing)."""
     if isinstance(config, ClassifierConfig):
         return Classifier(config)
+    if isinstance(config, TextUNetConfig):
+        return TextUNet(config)
     if isinstance(config, UNetConfig):
         return UNet(config)
     raise ValueError(f"config must be a UNetConfig or ClassifierConfig, got {type(config).__name__}")

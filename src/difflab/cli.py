@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,8 +135,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    "(ADM Alg. 1/2; default: sample.classifier_scale)")
     p.add_argument("--seed", type=int, help="noise seed (default: sample.seed)")
     p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
-    p.add_argument("--bf16", action="store_true", default=None, help="run the network under bf16 autocast "
-                   "(default: sample.bf16)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="run the network under "
+                   "bf16 autocast, or not (default: sample.bf16, auto = where the hardware has native bf16)")
     p.add_argument("--grid", metavar="FILE.png", help="write a PNG grid here")
     p.add_argument("--npz", metavar="FILE.npz", help="write the images and labels here")
     p.add_argument("--low-res", metavar="FILE.npz", help="a super-resolution run: the images to upsample (e.g. a "
@@ -156,8 +157,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     from difflab.pipelines.cascade import is_cascade_file
     from difflab.train.distributed import is_main
 
-    if is_cascade_file(args.run):
-        return _run_sample_cascade(args)
+    if is_cascade_file(args.run) or (Path(args.run).is_file() and Path(args.run).suffix.lower() in (".yaml", ".yml")):
+        return _run_sample_cascade(args)  # a YAML file is read as a cascade, so its own errors are the ones said
     if args.stages is not None:
         raise ValueError("--stages: only for a cascade file (difflab sample CASCADE.yaml)")
     kwargs = dict(n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, label=args.label, seed=args.seed,
@@ -291,9 +292,17 @@ def _run_gather(args: argparse.Namespace) -> int:
 _SUBCOMMANDS = [_add_train, _add_sample, _add_nll, _add_info, _add_convert, _add_eval, _add_data, _add_gather]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage mistake said in one line plus where to look, instead of the usage dump."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="difflab", description="Pixel-space diffusion models.")
+    """The top-level parser with every subcommand (subparsers are of the same class)."""
+    parser = _Parser(prog="difflab", description="Pixel-space diffusion models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:

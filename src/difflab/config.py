@@ -78,6 +78,17 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _type_name(tp: Any) -> str:
+    """A type in the words of YAML: ``bool | Literal["auto"]`` -> ``true, false or 'auto'``."""
+    if tp is bool:
+        return "true or false"
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in _UNION_TYPES:
+        names = [_type_name(a) for a in typing.get_args(tp)]
+        return ", ".join(names[:-1]) + " or " + names[-1]
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
@@ -443,9 +454,10 @@ class TrainConfig:
     keep_last: int = 3
     # seeds parameters init, data order, flips, timesteps and noise
     seed: int = 0
-    # run the network under bf16 autocast (CUDA, or CPU: fast where it has AMX / AVX512-BF16); weights,
-    # optimiser state, EMA and the loss stay float32
-    bf16: bool = False
+    # run the network under bf16 autocast; weights, optimiser state, EMA and the loss stay float32. auto = on
+    # where bf16 is native (CUDA with bf16, CPUs with AMX-BF16 / AVX512-BF16: 1.8x the steps), off elsewhere
+    # (emulated bf16 is several times slower); the choice and its reason are printed when training starts
+    bf16: bool | Literal["auto"] = "auto"
     # several processes (torchrun): ddp = every rank holds the whole model, gradients all-reduced; fsdp = FSDP2
     # (torch.distributed.fsdp.fully_shard): parameters, gradients and optimiser state sharded across ranks, for
     # models that do not fit one GPU; checkpoints are then sharded (difflab gather makes one file)
@@ -497,9 +509,9 @@ class SampleConfig:
     classifier: str | None = None
     # classifier guidance scale s: mu + s*Sigma*grad log p(y|x_t) (ADM Alg. 1/2); 0 = off
     classifier_scale: float = 0.0
-    # run the network under bf16 autocast (CUDA, or CPUs with AMX / AVX512-BF16, where it draws 1.75x the
-    # images per second); the samplers' arithmetic stays float32
-    bf16: bool = False
+    # run the network under bf16 autocast; the samplers' arithmetic stays float32. auto = on where bf16 is
+    # native (CUDA with bf16, CPUs with AMX-BF16 / AVX512-BF16: 1.75x the images per second), off elsewhere
+    bf16: bool | Literal["auto"] = "auto"
     # sample from this EMA (null = the first of train.ema_rates)
     ema_rate: float | None = None
     # a noise-augmented super-resolution stage: the level s of its low-res conditioning (0 = clean; CDM Sec. 4.2)
@@ -769,12 +781,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     a :class:`SceneFeaturesRunConfig`) instead.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError((), f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError((), f"{path}: not valid YAML ({e})") from None
+    data = read_yaml(path)
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError((), f"{path}: expected a mapping of sections at the top level")
     try:
@@ -786,7 +793,39 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
             return from_dict(TASK_CONFIGS[task], apply_overrides(dict(data), overrides))
         return config_from_dict(data or {}, overrides)
     except ConfigError as e:
-        raise ConfigError(e.path, f"{e.problem} (in {path})") from None
+        raise ConfigError(e.path, f"{e.problem} ({where_set(e.path, overrides, path)})") from None
+
+
+def where_set(key: Sequence[str], overrides: Sequence[str], path: str | os.PathLike) -> str:
+    """Where the value at dotted ``key`` came from: the ``--set`` override that names it (or a section
+    above it), else the file ``path``."""
+    for item in reversed(overrides):
+        name = tuple(item.partition("=")[0].strip().split("."))
+        if tuple(key[: len(name)]) == name or name[: len(key)] == tuple(key) and key:
+            return f"from --set {item}"
+    return f"in {path}"
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; a missing file, non-UTF-8 bytes or bad YAML is a :class:`ConfigError` that names
+    the file and, for bad YAML, the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError((), f"config file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError((), f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file "
+                              "as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError((), f"{path}{at}: not valid YAML ({what})") from None
 
 
 def dump_config(cfg: Any) -> str:
@@ -804,4 +843,37 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 def override(cfg: Any, overrides: Sequence[str]) -> Any:
     """A new config of ``cfg``'s type (a :class:`Config` or :class:`ClassifierRunConfig`): ``cfg`` with
     dotted ``overrides`` applied and everything re-validated."""
-    return from_dict(type(cfg), apply_overrides(to_dict(cfg), overrides))
+    try:
+        return from_dict(type(cfg), apply_overrides(to_dict(cfg), overrides))
+    except ConfigError as e:
+        where = where_set(e.path, overrides, "")
+        raise (ConfigError(e.path, f"{e.problem} ({where})") if where.startswith("from") else e) from None
+
+
+#: what ``difflab train --resume RUN --set KEY=VALUE`` may change: how long the run goes on, how often it logs,
+#: checkpoints and draws grids, how it computes (bf16, compile, decode threads) and every sampling default.
+#: Every other key shaped the state in the checkpoint (the network, the process, the data, the optimiser, the
+#: seeds), so changing it would silently make a different run: it is refused.
+RESUME_CHANGEABLE = ("train.max_steps", "train.log_every", "train.save_every", "train.sample_every",
+                     "train.keep_last", "train.bf16", "train.compile", "data.num_workers", "sample.")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def check_resume_changes(saved: Any, resumed: Any, overrides: Sequence[str]) -> None:
+    """Refuse a resumed config that differs from the saved one outside :data:`RESUME_CHANGEABLE`."""
+    old, new = _flat(to_dict(saved)), _flat(to_dict(resumed))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not key.startswith(RESUME_CHANGEABLE):
+            allowed = ", ".join(k + ("*" if k.endswith(".") else "") for k in RESUME_CHANGEABLE)
+            where = where_set(key.split("."), overrides, "the run")
+            raise ConfigError(tuple(key.split(".")), f"cannot change on resume ({where}: {old.get(key)!r} -> "
+                              f"{new.get(key)!r}); the checkpoint was trained with the saved value. Keys that may "
+                              f"change on resume: {allowed}")

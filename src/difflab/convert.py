@@ -34,11 +34,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from difflab.config import from_dict, save_config
-from difflab.fileio import atomic_write_with
+from difflab.fileio import atomic_write_with, require_new_folder
 from difflab.nn.classifier import ClassifierConfig
 from difflab.nn.presets import build_network, config_from_official_flags, get_preset
 from difflab.nn.text_unet import TextUNetConfig
 from difflab.nn.unet import UNetConfig
+from difflab.safeload import load_weights_only
 
 __all__ = [
     "KEY_RENAMES",
@@ -265,7 +266,7 @@ def save_converted(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a difflab checkpoint folder: ``model.safetensors`` + ``config.yaml`` (atomically)."""
-    out = Path(out_dir)
+    out = require_new_folder(out_dir, "--out")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in sd.items()}
     atomic_write_with(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))
@@ -293,12 +294,9 @@ def convert_checkpoint(
     path = Path(pt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    require_new_folder(out_dir, "--out")  # before minutes of reading a large checkpoint
     config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused or not a torch file
-        raise ValueError(f"cannot read {path} as a torch state dict with weights_only=True: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    sd = load_weights_only(path, what="official checkpoint")
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of key -> tensor)")
     with torch.device("meta"):

@@ -113,3 +113,19 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def require_new_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Refuse an existing file, or a folder that holds anything: difflab writes only into a folder it starts.
+
+    Raises ValueError naming ``what`` (e.g. ``"--out"``), the path and a few of the entries found.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {p} is a file, not a folder; name a new folder")
+    entries = sorted(e.name for e in p.iterdir()) if p.is_dir() else []
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise ValueError(f"{what} {p} already holds {shown}; difflab writes only into a new or empty folder "
+                         "and never over what is there: name another")
+    return p

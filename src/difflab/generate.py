@@ -18,6 +18,7 @@ import torch
 from difflab.build import module_device
 from difflab.config import Config
 from difflab.denoiser import Denoiser
+from difflab.hardware import resolve_bf16
 from difflab.process import Process
 from difflab.train import distributed as dist_utils
 
@@ -149,7 +150,6 @@ def draw_samples(
     n = sc.n if n is None else n
     batch = sc.batch if batch is None else batch
     seed = sc.seed if seed is None else seed
-    bf16 = sc.bf16 if bf16 is None else bool(bf16)
     name = sc.sampler if sampler is None else sampler
     for what, value in (("n", n), ("batch", batch)):
         if value < 1:
@@ -168,6 +168,7 @@ def draw_samples(
     elif eta is not None:
         raise ValueError(f"sampler {name!r} takes no eta")
     device = module_device(denoiser.net)
+    bf16 = resolve_bf16(sc.bf16 if bf16 is None else bf16, device)[0]
     num_classes = getattr(cfg.model, "num_classes", None)
     if num_classes is None and classifier is not None:
         info = getattr(classifier, "diffusion_info", None)
@@ -311,9 +312,7 @@ def sample_run(
     cfg = load_run_config(run_dir)
     name = sampler or cfg.sample.sampler
     get_sampler(name)  # a bad name is an error before any work
-    for path, suffix in ((grid, ".png"), (npz, ".npz")):
-        if path is not None and Path(path).suffix.lower() != suffix:
-            raise ValueError(f"{path}: expected a {suffix} file name")
+    check_output_files(grid=grid, npz=npz)
     evaluator = None
     if evaluate is not None:  # every evaluation choice is checked before sampling
         from difflab.eval.report import make_evaluator
@@ -347,8 +346,8 @@ def sample_run(
             w = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
             s = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
             tags = (f"_w{w:g}" if w else "") + (f"_s{s:g}" if s and classifier is not None else "")
-            stem = Path(run_dir) / "samples" / f"{name}_{len(x)}{tags}"
-            grid, npz = stem.with_suffix(".png"), stem.with_suffix(".npz")
+            grid, npz = _free_names(Path(run_dir) / "samples" / f"{name}_{len(x)}{tags}")
+        check_output_files(grid=grid, npz=npz)  # again: something may have appeared while sampling
         written += _save(images, labels, grid, npz)
     # the files are on disk before the (possibly long) evaluation; every rank takes part in it
     metrics = evaluator(images, labels) if evaluator is not None else None
@@ -368,18 +367,14 @@ def sample_cascade_file(path, *, n: int | None = None, seed: int | None = None, 
 
     info = dist_utils.init_distributed()
     cascade = load_cascade(path, n=n, seed=seed, label=label, batch=batch)
-    for file, suffix in ((grid, ".png"), (npz, ".npz")):
-        if file is not None and Path(file).suffix.lower() != suffix:
-            raise ValueError(f"{file}: expected a {suffix} file name")
     if grid is None and npz is None:
         grid, npz = Path(path).with_suffix(".png"), Path(path).with_suffix(".npz")
-    targets = [Path(f) for f in (grid, npz) if f is not None]
+    check_output_files(grid=grid, npz=npz)
     if stages_dir is not None:
-        targets += [Path(stages_dir) / f"stage_{k}{ext}" for k in range(len(cascade.stages))
-                    for ext in (".png", ".npz")]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing:
-        raise ValueError(f"{existing[0]} already exists; choose other output names (nothing is overwritten)")
+        if Path(stages_dir).exists() and not Path(stages_dir).is_dir():
+            raise ValueError(f"--stages {stages_dir} is a file, not a folder")
+        for k in range(len(cascade.stages)):
+            check_output_files(grid=Path(stages_dir) / f"stage_{k}.png", npz=Path(stages_dir) / f"stage_{k}.npz")
     stages = build_cascade(cascade, device=info.device)
     results = sample_cascade(cascade, stages, progress=progress and info.rank == 0)
     written = []
@@ -394,6 +389,36 @@ def sample_cascade_file(path, *, n: int | None = None, seed: int | None = None, 
             images = to_uint8(x, stages[k].cfg.data)
             written += _save(images, labels.numpy() if labels is not None else None, png, arrays)
     return written
+
+
+def check_output_files(**files) -> None:
+    """Refuse output files that cannot be written or would overwrite something, before any sampling:
+    ``grid=`` must name a ``.png``, ``npz=`` an ``.npz``; neither may exist, be a folder, or lie in a
+    "folder" that is a file. ValueError in one line, naming the option."""
+    from pathlib import Path
+
+    for option, file in files.items():
+        if file is None:
+            continue
+        path, suffix, flag = Path(file), ".png" if option == "grid" else f".{option}", f"--{option}"
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder; name a {suffix} file (e.g. {path / ('samples' + suffix)})")
+        if path.suffix.lower() != suffix:
+            raise ValueError(f"{flag} {path}: expected a {suffix} file name")
+        if path.exists():
+            raise ValueError(f"{flag} {path} already exists; name a new file (difflab never overwrites results)")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
+def _free_names(stem):
+    """``stem.png`` / ``stem.npz``, or ``stem-2``, ``stem-3``, ... where those exist (default sample names)."""
+    k, base = 1, stem
+    while stem.with_suffix(".png").exists() or stem.with_suffix(".npz").exists():
+        k += 1
+        stem = base.with_name(f"{base.name}-{k}")
+    return stem.with_suffix(".png"), stem.with_suffix(".npz")
 
 
 def _save(images, labels, grid, npz) -> list:

@@ -42,7 +42,10 @@ class UniformSampler:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if state:
+            raise ValueError(f"the checkpoint holds a {sorted(state)} timestep-sampler state, which the uniform "
+                             "sampler does not have: it was trained with diffusion.timestep_sampler="
+                             "loss_second_moment; resume it with that")
 
 
 class LossSecondMomentResampler(UniformSampler):
@@ -86,6 +89,9 @@ class LossSecondMomentResampler(UniformSampler):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "loss_history" not in state or "loss_counts" not in state:
+            raise ValueError("the checkpoint has no loss-second-moment history: it was trained with "
+                             "diffusion.timestep_sampler=uniform; resume it with that")
         history = np.asarray(state["loss_history"], dtype=np.float64)
         if history.shape != self.loss_history.shape:
             raise ValueError(f"sampler history has shape {history.shape}, expected {self.loss_history.shape}")

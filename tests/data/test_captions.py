@@ -297,10 +297,10 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def run_folder(tmp_path):
-    """An output folder that already holds a file: a failed start must leave it as it was."""
+    """An empty output folder: a failed start must leave it empty (a folder holding anything is refused
+    before the data are read: test_never_overwrite.py)."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "notes.txt").write_text("mine, keep me")
     return out
 
 

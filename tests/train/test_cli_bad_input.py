@@ -47,7 +47,7 @@ def test_bad_config_values_and_keys(trained, tmp_path, capsys):
     _fails(capsys, ["train", str(TINY), "--out", out, "--max-minutes", "-1"], "max_minutes")
     _fails(capsys, ["train", str(TINY), "--out", out, "--set", "diffusion.schedule=cosin"], "'linear', 'cosine'")
     _fails(capsys, ["train", str(tmp_path / "missing.yaml")], "config file not found")
-    _fails(capsys, ["train", str(TINY), "--out", str(trained)], "already has checkpoints", "--resume")
+    _fails(capsys, ["train", str(TINY), "--out", str(trained)], "already holds a run", "--resume")
     _fails(capsys, ["sample", str(trained), "--steps", "-1"], "steps", "[1, 100]")
     _fails(capsys, ["sample", str(trained), "--n", "0"], "n must be >= 1")
     _fails(capsys, ["sample", str(trained), "--sampler", "euler-a"], "unknown sampler", "ancestral")

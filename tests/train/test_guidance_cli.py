@@ -42,8 +42,10 @@ def _sample(run, tmp, *args):
     npz = tmp / "s.npz"
     assert main(["sample", str(run), "--n", "12", "--steps", "4", "--batch", "12", "--npz", str(npz), "--quiet",
                  *map(str, args)]) == 0
-    arrays = np.load(npz)
-    return arrays["arr_0"], arrays["arr_1"] if "arr_1" in arrays else None
+    with np.load(npz) as arrays:
+        out = arrays["arr_0"], arrays["arr_1"] if "arr_1" in arrays else None
+    npz.unlink()  # the next call writes a new s.npz (sample never overwrites a file)
+    return out
 
 
 def _fails(capsys, args, *needles):
@@ -143,7 +145,7 @@ def test_bad_guidance_input(runs, tmp_path, capsys):
 
 
 def test_bad_classifier_configs(runs, tmp_path, capsys):
-    _fails(capsys, ["train", str(CLF_CONFIG), "--out", str(runs["clf"]), "--quiet"], "already has checkpoints",
+    _fails(capsys, ["train", str(CLF_CONFIG), "--out", str(runs["clf"]), "--quiet"], "already holds a run",
            "--resume")
     _fails(capsys, ["train", str(CLF_CONFIG), "--out", str(tmp_path / "c"), *sets("classifier.out_channels=7")],
            "10 classes", "out_channels is 7")

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from difflab.safeload import npz_reason
+
 if TYPE_CHECKING:
     pass
 
@@ -145,9 +147,9 @@ def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     except ValueError as e:
         if str(e).startswith(str(path)):
             raise
-        raise ValueError(f"{path}: cannot read as .npz ({e})") from e
+        raise ValueError(f"{path}: cannot read as .npz ({npz_reason(e)})") from e
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read as .npz ({e})") from e
+        raise ValueError(f"{path}: cannot read as .npz ({npz_reason(e)})") from e
     if images.dtype != np.uint8:
         raise ValueError(f"{path}: arr_0 must be uint8 images in 0..255, got dtype {images.dtype}")
     if images.ndim == 3:

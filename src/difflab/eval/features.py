@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.safeload import load_weights_only
+
 __all__ = [
     "FIDInceptionV3",
     "MNISTClassifier",
@@ -371,10 +373,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types; the message is what matters
-        raise ValueError(f"cannot read {path} as a torch state dict (weights_only=True): {e}") from e
+    sd = load_weights_only(path, what="weights file")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.safeload import npz_reason
+
 __all__ = [
     "feature_statistics",
     "frechet_distance",
@@ -173,7 +175,7 @@ def load_stats(path: str | Path) -> dict:
             out["feature_space"] = str(f["feature_space"]) if "feature_space" in keys else None
             out["n"] = int(f["n"]) if "n" in keys else None
     except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read {path} as .npz: {e}") from e
+        raise ValueError(f"cannot read {path} as .npz: {npz_reason(e)}") from e
     out["mu"], out["sigma"] = _check_stats(out["mu"], out["sigma"], str(path))
     return out
 

@@ -48,6 +48,7 @@ from difflab.eval.metrics import (
     precision_recall,
     save_stats,
 )
+from difflab.safeload import npz_reason
 from difflab.train.distributed import all_gather_uneven, get_rank, get_world_size, is_distributed
 
 __all__ = ["FEATURES", "NAMED_REFS", "DEFAULT_REF", "DEFAULT_FEATURES", "Evaluator", "make_evaluator", "evaluate",
@@ -170,7 +171,7 @@ def _load_reference(ref, features: str, model, batch_size: int, distributed: boo
             keys = list(f.keys())
             images = f["arr_0"] if "arr_0" in keys else None
     except (OSError, EOFError, ValueError) as e:
-        raise ValueError(f"cannot read reference {path} as .npz: {e}") from e
+        raise ValueError(f"cannot read reference {path} as .npz: {npz_reason(e)}") from e
     has_stats = "mu" in keys and "sigma" in keys
     if images is None and not has_stats:
         raise ValueError(

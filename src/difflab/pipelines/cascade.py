@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import yaml
 
-from difflab.config import ConfigError, from_dict
+from difflab.config import ConfigError, from_dict, read_yaml
 
 __all__ = ["StageConfig", "CascadeConfig", "Stage", "load_cascade", "is_cascade_file", "build_cascade",
            "sample_cascade"]
@@ -112,9 +112,9 @@ def load_cascade(path: str | os.PathLike, **overrides: Any) -> CascadeConfig:
     Run paths are relative to the file's folder unless absolute."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{p}: not a readable cascade file ({e})") from None
+        data = read_yaml(p)
+    except ConfigError as e:
+        raise ValueError(f"not a readable cascade file: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
         raise ValueError(f"{p}: a cascade file needs a 'stages' list")
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from difflab.fileio import TEMP_PREFIX, fsync_dir, honour_umask, is_temp_name, new_file_mode
+from difflab.safeload import load_weights_only
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 MANIFEST = "manifest.json"
@@ -395,20 +396,7 @@ def _load_safetensors(path: Path, device: str | torch.device) -> dict[str, Tenso
 
 
 def _load_pt(path: Path, device: str | torch.device) -> Any:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise ValueError(f"{path}: corrupt or unsafe checkpoint file ({_short_reason(e)})") from None
-
-
-def _short_reason(e: Exception) -> str:
-    """One line from torch.load's long multi-line refusal: the line that says what was refused
-    (never its advice to retry with weights_only=False)."""
-    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [ln.strip().removeprefix("WeightsUnpickler error:").strip() for ln in str(e).splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith(boiler)]
-    reason = lines[0] if lines else type(e).__name__
-    return f"refused by torch.load(weights_only=True): {reason}" if "Weights only" in str(e) else reason
+    return load_weights_only(path, device, what="checkpoint file")
 
 
 def load_checkpoint(

@@ -45,6 +45,8 @@ from torch import nn
 
 from difflab.build import CONFIG_NAME, load_state_strict
 from difflab.config import save_config
+from difflab.fileio import require_new_folder
+from difflab.hardware import resolve_bf16
 from difflab.train import distributed as dist_utils
 from difflab.train import fsdp
 from difflab.train.checkpoint import (
@@ -120,6 +122,7 @@ class Trainer:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {self.world} processes")
         self.local_batch = tc.batch_size // self.world
         ckpt = self._check_run_dir(resume)
+        dist_utils.barrier()  # every rank has looked at the folder before rank 0 writes into it
 
         _seed_everything(tc.seed)  # identical initial weights on every rank
         self.source = self.task.build_source(rank=self.rank, world=self.world, local_batch=self.local_batch)
@@ -136,7 +139,7 @@ class Trainer:
                 _seed_for(tc.seed, name))
             for name in self.task.generator_names
         }
-        self.autocast = tc.bf16
+        self.autocast, self.precision_note = resolve_bf16(tc.bf16, self.device)
         self.step = 0
         self.seconds = 0.0  # training wall-clock over every session of the run
         self.report: Any = None  # what the task's finish() reports (a classifier's accuracy table)
@@ -173,11 +176,12 @@ class Trainer:
             if ckpt is None and not started:
                 raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no complete checkpoint")
             return ckpt
-        if list_checkpoints(self.run_dir):
+        if list_checkpoints(self.run_dir) or (self.run_dir / CONFIG_NAME).is_file():
             raise ValueError(
-                f"run folder {self.run_dir} already has checkpoints; resume it with --resume {self.run_dir} "
+                f"run folder {self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
                 "or choose another --out"
             )
+        require_new_folder(self.run_dir, "run folder")  # anything else in it is not this command's to write over
         return None
 
     def _load(self, ckpt: Path) -> None:
@@ -308,6 +312,8 @@ class Trainer:
         max_steps = tc.max_steps if max_steps is None else max_steps
         check_limits(max_steps, max_minutes)
         start = time.perf_counter()
+        if self.main and not self.quiet and self.step < max_steps:
+            print(f"difflab: {self.precision_note}", file=sys.stderr, flush=True)
         bar = self._progress_bar(max_steps)
         stopped, last = "max_steps", None
         self.net.train()
@@ -472,14 +478,16 @@ def resolve_train_config(
     ``max_steps`` extends the run); ``config``, when given as well, must equal the run's.
     """
     from difflab.build import load_run_config
-    from difflab.config import load_config, override
+    from difflab.config import check_resume_changes, load_config, override
 
     extra = [*overrides, *([f"train.max_steps={max_steps}"] if max_steps is not None else [])]
     if resume is not None:
         if out is not None and Path(out) != Path(resume):
             raise ValueError(f"--out {out} and --resume {resume} name different run folders; give only --resume")
         run_dir = Path(resume)
-        cfg = override(load_run_config(run_dir, any_task=True), extra)
+        saved = load_run_config(run_dir, any_task=True)
+        cfg = override(saved, extra)
+        check_resume_changes(saved, cfg, extra)
         if config is not None and load_config(config, extra) != cfg:
             raise ValueError(f"{config} differs from {run_dir / CONFIG_NAME}; resume without CONFIG to use the run's")
         return cfg, run_dir

@@ -1,11 +1,11 @@
 """Two difflab commands on one machine: each alone, then both at once, under OpenMP wait policies.
 
-Runs ``difflab train configs/mnist-default.yaml`` for ``--steps`` steps as real subprocesses and reads
-their training speed (img/s over the logged steps after the first interval) from ``metrics.jsonl``:
-
-- ``before``: ``OMP_WAIT_POLICY`` empty, which libgomp treats as unset (its default: idle threads spin);
-- ``passive``: difflab's default since ``import difflab`` sets ``OMP_WAIT_POLICY=PASSIVE``;
-- ``1 thread``: ``OMP_NUM_THREADS=1`` per command (the policy passive too).
+Runs ``difflab train configs/mnist-default.yaml`` as real subprocesses and reads their training speed
+(img/s, the median over the logged intervals after the first) from ``metrics.jsonl``: each setting alone,
+then pairs in which a second command starts while the first trains (the first's speed meanwhile is timed
+from its log lines as they appear). Settings: a fixed two threads with libgomp's spinning wait (``OMP_NUM_THREADS=2``:
+difflab before), the same with passive waiting (``OMP_WAIT_POLICY=PASSIVE``), difflab's default (the thread
+count follows the load: difflab/threads.py), and one thread per command (``OMP_NUM_THREADS=1``).
 
 Also prints the machine's bf16 verdict (difflab.hardware) and a float32 vs bf16 step rate, since the
 ``bf16: auto`` rule rests on it. Writes docs/results/concurrency.{json,md}.
@@ -47,67 +47,97 @@ def _rate(run: Path) -> float:
     return statistics.median(x["img/s"] for x in lines[1:]) if len(lines) > 1 else lines[0]["img/s"]
 
 
-def _launch(jobs: list[tuple[Path, dict[str, str], list[str]]]) -> list[dict]:
-    """Start every job at once; wait; each job's img/s and wall seconds."""
-    started = []
-    for out, env_extra, cmd in jobs:
-        env = {**os.environ, **env_extra}
-        started.append((out, time.perf_counter(), subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                                                   stderr=subprocess.PIPE, text=True)))
-    results = []
-    for out, t0, proc in started:
-        _, err = proc.communicate()
-        if proc.returncode:
-            raise SystemExit(f"{out}: exit {proc.returncode}: {err.strip()[-500:]}")
-        results.append({"img/s": round(_rate(out), 1), "wall_s": round(time.perf_counter() - t0, 1)})
-    return results
+def _lines(run: Path) -> int:
+    f = run / "metrics.jsonl"
+    return sum(1 for x in f.read_text().splitlines() if x.strip()) if f.is_file() else 0
+
+
+def _popen(out: Path, env_extra: dict[str, str], steps: int, bf16: str = "false") -> subprocess.Popen:
+    return subprocess.Popen(_command(out, steps, bf16), env={**os.environ, **env_extra}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(out: Path, proc: subprocess.Popen) -> float:
+    _, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{out}: exit {proc.returncode}: {err.strip()[-500:]}")
+    return round(_rate(out), 1)
+
+
+def alone(tmp: Path, name: str, env: dict[str, str], steps: int, bf16: str = "false") -> float:
+    out = tmp / name
+    return _finish(out, _popen(out, env, steps, bf16))
+
+
+def second_while_first_runs(tmp: Path, name: str, env_first: dict[str, str], env_second: dict[str, str],
+                            steps: int) -> tuple[float, float]:
+    """Start a long first command; once it trains, run a second one of ``steps`` steps. Returns the img/s of
+    each while both ran (the first's from the log lines that appeared meanwhile, timed by polling)."""
+    a, b = tmp / f"{name}-first", tmp / f"{name}-second"
+    first = _popen(a, env_first, 100_000)
+    while _lines(a) < 1:
+        if first.poll() is not None:
+            raise SystemExit(f"{a}: exit {first.returncode}: {first.stderr.read()[-500:]}")
+        time.sleep(0.1)
+    second = _popen(b, env_second, steps)
+    marks = []  # (time, lines of the first's log) while the second runs
+    while second.poll() is None:
+        marks.append((time.perf_counter(), _lines(a)))
+        time.sleep(0.05)
+    first.terminate()
+    first.wait()
+    second_rate = _finish(b, second)
+    changes = [(t, n) for (t, n), (_, prev) in zip(marks[1:], marks[:-1], strict=True) if n != prev]
+    if len(changes) < 2:
+        return float("nan"), second_rate
+    (t0, n0), (t1, n1) = changes[0], changes[-1]
+    return round((n1 - n0) * 10 * 32 / (t1 - t0), 1), second_rate  # log_every 10, batch 32
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
-    policies = {"before (libgomp default)": {"OMP_WAIT_POLICY": ""},
-                "passive (difflab default)": {},
-                "1 thread each": {"OMP_NUM_THREADS": "1"}}
-    rows = []
+    cores = str(os.cpu_count() or 1)
+    spin = {"OMP_NUM_THREADS": cores}  # a fixed count: difflab's share_cores keeps out (difflab before it)
+    passive = {"OMP_NUM_THREADS": cores, "OMP_WAIT_POLICY": "PASSIVE"}
+    one = {"OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        k = 0
-
-        def run(env: dict[str, str], n: int, bf16: str = "false") -> list[dict]:
-            nonlocal k
-            jobs = []
-            for _ in range(n):
-                k += 1
-                out = Path(tmp) / f"r{k}"
-                jobs.append((out, env, _command(out, args.steps, bf16)))
-            return _launch(jobs)
-
-        for name, env in policies.items():
-            alone = run(env, 1)[0]
-            pair = run(env, 2)
-            rows.append({"policy": name, "alone": alone, "together": pair,
-                         "share": round(statistics.mean(p["img/s"] for p in pair) / alone["img/s"], 3)})
-            print(f"{name:28s} alone {alone['img/s']:6.1f} img/s   together "
-                  f"{' / '.join(str(p['img/s']) for p in pair)} img/s   each gets {rows[-1]['share']:.2f} of alone",
-                  flush=True)
-        bf16_rate = run({}, 1, "true")[0]
+        tmp = Path(tmp)
+        solo = {"all cores, spinning wait (before)": alone(tmp, "spin", spin, args.steps),
+                "all cores, passive wait": alone(tmp, "passive", passive, args.steps),
+                "difflab default": alone(tmp, "default", {}, args.steps),
+                "1 thread": alone(tmp, "one", one, args.steps)}
+        print("alone:", solo, flush=True)
+        scenarios = [("before: all cores each, spinning wait", spin, spin),
+                     ("difflab default: threads follow the load", {}, {}),
+                     ("all cores each, passive wait", passive, passive),
+                     ("OMP_NUM_THREADS=1 each", one, one)]
+        rows = []
+        for k, (name, env_a, env_b) in enumerate(scenarios):
+            first, second = second_while_first_runs(tmp, f"s{k}", env_a, env_b, args.steps)
+            rows.append({"scenario": name, "first": first, "second": second})
+            print(f"{name}: first {first} img/s, second {second} img/s", flush=True)
+        bf16_rate = alone(tmp, "bf16", {}, 20, "true")  # emulated bf16 is slow: 20 steps say enough
+    best = max(solo.values())
     native, why = native_bf16("cpu")
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    result = {"steps": args.steps, "rows": rows, "bf16_alone": bf16_rate, "native_bf16": native, "why": why,
-              "machine": f"{cpu}, {os.cpu_count()} cores", "torch": torch.__version__,
-              "date": dt.date.today().isoformat(),
-              "command": f"python benchmarks/concurrency.py --steps {args.steps}"}
+    result = {"steps": args.steps, "alone": solo, "together": rows, "bf16_alone": bf16_rate, "native_bf16": native,
+              "why": why, "machine": f"{cpu}, {os.cpu_count()} cores", "torch": torch.__version__,
+              "date": dt.date.today().isoformat(), "command": f"python benchmarks/concurrency.py --steps {args.steps}"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "concurrency.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["| OpenMP setting | alone img/s | both at once img/s (each) | each gets, of alone |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['policy']} | {r['alone']['img/s']} | "
-                     f"{' / '.join(str(p['img/s']) for p in r['together'])} | {r['share']:.2f} |")
+    lines = ["| alone | img/s | of the fastest |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {v / best:.2f} |" for k, v in solo.items()]
+    lines += ["", "| two commands, the second started while the first trains | first img/s | second img/s | "
+              "each, of the fastest alone |", "|---|---|---|---|"]
+    lines += [f"| {r['scenario']} | {r['first']} | {r['second']} | {r['first'] / best:.2f} / {r['second'] / best:.2f} |"
+              for r in rows]
+    lines += ["", f"bf16 autocast alone: {bf16_rate} img/s against {solo['difflab default']} in float32 "
+                  f"(native bf16: {native}; {why})"]
     (RESULTS / "concurrency-table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"bf16 alone: {bf16_rate['img/s']} img/s (native bf16: {native}; {why})")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,7 @@ The process math is importable under the official OpenAI names::
     from difflab import Process, Parameterization, Denoiser, q_sample, training_losses, calc_bpd_loop
 """
 
-import os as _os
-
-# Two processes on one small machine: with OpenMP's default wait policy each process's idle threads spin
-# for the cores the other needs, and both ran ~7x slower than alone (10 vs 76 img/s, 2 cores); passive
-# waiting gives each about half the machine (docs/results/concurrency.md). It must be set before torch is
-# first imported (libgomp reads it once); a value the user set wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from difflab.denoiser import Denoiser, p_mean_variance  # noqa: E402
+from difflab.denoiser import Denoiser, p_mean_variance
 from difflab.guidance import (
     ClassifierFreeGuidance,
     ClassifierGuidance,

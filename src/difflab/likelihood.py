@@ -15,6 +15,7 @@ import torch
 from difflab.denoiser import Denoiser
 from difflab.losses import LN2, mean_flat, normal_kl, vb_terms_from_p
 from difflab.process import predict_eps_from_x0, q_mean_variance, q_sample
+from difflab.threads import share_cores
 
 Tensor = torch.Tensor
 
@@ -51,6 +52,7 @@ def calc_bpd_loop(
         raise ValueError(f"need one noise tensor per step: got {len(noises)}, expected {T}")
     vb, xstart_mse, mse = [], [], []
     for k, step in enumerate(range(T - 1, -1, -1)):
+        share_cores()
         t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
         if noises is not None:
             noise = noises[k]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from difflab.denoiser import Denoiser
+from difflab.threads import share_cores
 
 Tensor = torch.Tensor
 StepFn = Callable[[Tensor, Tensor], dict[str, Tensor]]
@@ -54,6 +55,7 @@ def reverse_loop(
 
         steps = tqdm(steps, desc="sampling", leave=False)
     for i, step_index in enumerate(steps):
+        share_cores()
         t = torch.full((x.shape[0],), step_index, dtype=torch.long, device=x.device)
         out = step(x, t)
         x = out["sample"]

@@ -39,6 +39,7 @@ from difflab.guidance import CondFn, condition_score
 from difflab.prediction import PMeanVar
 from difflab.process import Process
 from difflab.schedules import UseTimesteps
+from difflab.threads import share_cores
 
 Tensor = torch.Tensor
 StepSpec = str | int | Sequence[int] | None
@@ -147,12 +148,16 @@ def abar_schedule(denoiser: Denoiser) -> list[float]:
 
 
 def progress_bar(n: int, progress: bool, desc: str):
-    """range(n), wrapped in tqdm when ``progress``."""
-    if not progress:
-        return range(n)
-    from tqdm.auto import tqdm
+    """range(n), wrapped in tqdm when ``progress``; each step first fits the thread count to the machine's
+    load (:func:`difflab.threads.share_cores`)."""
+    steps = range(n)
+    if progress:
+        from tqdm.auto import tqdm
 
-    return tqdm(range(n), desc=desc, leave=False)
+        steps = tqdm(steps, desc=desc, leave=False)
+    for i in steps:
+        share_cores()
+        yield i
 
 
 def step_tensor(x: Tensor, index: int) -> Tensor:

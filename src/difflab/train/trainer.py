@@ -47,6 +47,7 @@ from difflab.build import CONFIG_NAME, load_state_strict
 from difflab.config import save_config
 from difflab.fileio import require_new_folder
 from difflab.hardware import resolve_bf16
+from difflab.threads import share_cores
 from difflab.train import distributed as dist_utils
 from difflab.train import fsdp
 from difflab.train.checkpoint import (
@@ -254,6 +255,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimiser step (see the module docstring); returns the step's global-batch metrics."""
         tc, step = self.cfg.train, self.step + 1
+        share_cores()
         batch = {k: _to(v, self.device) for k, v in self.source.batch(self.step).items()}
         draws_all = self.task.draws(tc.batch_size, batch, self.generators)
         draws = {k: _to(rank_part(v, self.rank, self.world), self.device) for k, v in draws_all.items()}

@@ -1,10 +1,12 @@
-"""Throughput of the cascade miniature on the CPU: super-resolution training (img/s of ``Trainer.train_step`` on
-configs/mnist-cascade-sr14-28.yaml, batch 32, noise augmentation) and cascade sampling (img/s of the 14x14 base
-then the 14 -> 28 stage through difflab.pipelines.cascade, ancestral, ``--steps`` steps each), in float32 and
+"""Throughput of the cascade miniatures on the CPU: training (img/s of ``Trainer.train_step``, batch 32) of the
+MNIST SR stage (configs/mnist-cascade-sr14-28.yaml, noise augmentation) and of the scenes cascade's text U-Nets
+(configs/scenes-text16.yaml, scenes-sr16-32.yaml, scenes-sr32-64.yaml), and cascade sampling (img/s of a base then
+its SR stage through difflab.pipelines.cascade, ancestral, ``--steps`` steps each: MNIST 14 -> 28, and the text
+scenes 16 -> 32 with the benchmark prompts and classifier-free guidance at the base), in float32 and
 under bf16 autocast, timed in interleaved rounds (fp32 bf16 fp32 ...; the median round is reported). Freshly
 initialised networks: speed does not depend on the weights.
 
-    python benchmarks/cascade_throughput.py --threads 2 --rounds 3
+    python benchmarks/cascade_throughput.py --threads 2 --rounds 1
 
 Writes docs/results/cascade-throughput.{json,md}.
 """
@@ -42,7 +44,7 @@ def train_rate(cfg, steps: int) -> float:
         return steps * cfg.train.batch_size / (time.perf_counter() - t0)
 
 
-def sample_rate(base_cfg, sr_cfg, n: int, steps: int, bf16: bool) -> float:
+def sample_rate(base_cfg, sr_cfg, n: int, steps: int, bf16: bool, prompts=None) -> float:
     from difflab.build import build_denoiser, build_model
     from difflab.pipelines.cascade import CascadeConfig, Stage, StageConfig, check_chain, sample_cascade
 
@@ -53,10 +55,11 @@ def sample_rate(base_cfg, sr_cfg, n: int, steps: int, bf16: bool) -> float:
         level = 100 if name == "sr" else None
         spec = StageConfig(run=name, sampler="ancestral", steps=steps, bf16=bf16, aug_level=level)
         stages.append(Stage(spec, cfg, build_denoiser(cfg, net)))
-    check_chain(stages, "all")
-    cascade = CascadeConfig(stages=tuple(s.spec for s in stages), n=n, batch=n, label="all")
+    label = None if prompts else "all"
+    check_chain(stages, label)
+    cascade = CascadeConfig(stages=tuple(s.spec for s in stages), n=n, batch=n, label=label)
     t0 = time.perf_counter()
-    sample_cascade(cascade, stages, distributed=False)
+    sample_cascade(cascade, stages, prompts=prompts, distributed=False)
     return n / (time.perf_counter() - t0)
 
 
@@ -70,27 +73,45 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from difflab.config import load_config
+    from difflab.data.scenes import reference_captions
+    from difflab.hardware import native_bf16
 
+    native, why = native_bf16("cpu")
+    # emulated bf16 (no AMX / AVX512-BF16) is ~10x slower: a quarter of the work says its rate as well
+    share = 1 if native else 4
     rows: dict[str, list[float]] = {}
+    configs = ROOT / "configs"
     for _ in range(args.rounds):
         for bf16 in (False, True):
-            tag = "bf16" if bf16 else "fp32"
-            sr = load_config(ROOT / "configs" / "mnist-cascade-sr14-28.yaml", [f"train.bf16={str(bf16).lower()}"])
-            base = load_config(ROOT / "configs" / "mnist-cascade-base14.yaml", ["data.path=unused.npz"])
-            rows.setdefault(f"SR 14 -> 28 training, {tag}", []).append(train_rate(sr, args.train_steps))
-            rows.setdefault(f"cascade 14 -> 28 sampling, {tag}", []).append(
-                sample_rate(base, sr, args.n, args.steps, bf16))
+            tag, flag = ("bf16", "true") if bf16 else ("fp32", "false")
+            steps, n = (max(2, args.train_steps // share), max(4, args.n // share)) if bf16 else (args.train_steps,
+                                                                                              args.n)
+            sr = load_config(configs / "mnist-cascade-sr14-28.yaml", [f"train.bf16={flag}"])
+            base = load_config(configs / "mnist-cascade-base14.yaml", ["data.path=unused.npz"])
+            text_base = load_config(configs / "scenes-text16.yaml", [f"train.bf16={flag}"])
+            text_sr = load_config(configs / "scenes-sr16-32.yaml", [f"train.bf16={flag}"])
+            text_sr64 = load_config(configs / "scenes-sr32-64.yaml", [f"train.bf16={flag}"])
+            rows.setdefault(f"SR 14 -> 28 training (MNIST, class), {tag}", []).append(train_rate(sr, steps))
+            rows.setdefault(f"text U-Net 16 training (scenes base), {tag}", []).append(train_rate(text_base, steps))
+            rows.setdefault(f"text SR 16 -> 32 training (scenes), {tag}", []).append(train_rate(text_sr, steps))
+            rows.setdefault(f"text SR 32 -> 64 training (scenes), {tag}", []).append(train_rate(text_sr64, steps))
+            rows.setdefault(f"cascade 14 -> 28 sampling (MNIST), {tag}", []).append(
+                sample_rate(base, sr, n, args.steps, bf16))
+            rows.setdefault(f"text cascade 16 -> 32 sampling (scenes, w = 2 at 16), {tag}", []).append(
+                sample_rate(text_base, text_sr, n, args.steps, bf16, prompts=reference_captions()[:n]))
     med = {k: statistics.median(v) for k, v in rows.items()}
     record = {"command": "python benchmarks/cascade_throughput.py " + " ".join(sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores, {platform.processor()}",
-              "torch": torch.__version__, "threads": args.threads, "img_per_s": rows, "median": med}
+              "torch": torch.__version__, "threads": args.threads, "img_per_s": rows, "median": med,
+              "native_bf16": native, "why": why}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "cascade-throughput.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = ["# Cascade miniature throughput (CPU)", "",
              f"`{record['command']}` ({record['date']}, {record['machine']}, torch {record['torch']}, "
              f"{args.threads} threads; median of {args.rounds} interleaved rounds). Training: batch 32, noise "
              f"augmentation, the whole loop step. Sampling: {args.n} images, base 14x14 then SR 14 -> 28, "
-             f"ancestral {args.steps} steps each (2 x {args.steps} network calls per image batch).", "",
+             f"ancestral {args.steps} steps each (2 x {args.steps} network calls per image batch). bf16: "
+             f"native {native} ({why})" + ("" if native else "; its rows did a quarter of the work") + ".", "",
              "| what | img/s | rounds |", "|---|---|---|"]
     lines += [f"| {k} | {med[k]:.1f} | {', '.join(f'{v:.1f}' for v in rows[k])} |" for k in rows]
     (OUT / "cascade-throughput.md").write_text("\n".join(lines) + "\n")

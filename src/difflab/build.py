@@ -56,6 +56,24 @@ def build_model(cfg: Config) -> nn.Module:
     return build_network(cfg.model)
 
 
+def build_tokenizer(cfg: Config):
+    """The tokenizer of a text-conditional run (``cfg.text``): ``vocab: scenes`` is the miniature vocabulary of
+    the captioned MNIST scenes (:data:`difflab.data.scenes.SCENE_WORDS`), anything else a path."""
+    from difflab.text import MiniatureTokenizer, load_tokenizer
+
+    if cfg.text.vocab == "scenes":
+        from difflab.data.scenes import SCENE_WORDS
+
+        tokenizer = MiniatureTokenizer(SCENE_WORDS)
+    else:
+        tokenizer = load_tokenizer(cfg.text.tokenizer, cfg.text.vocab)
+    n_vocab = cfg.model.text.n_vocab
+    if tokenizer.n_vocab > n_vocab:
+        raise ValueError(f"the {cfg.text.tokenizer} tokenizer ({cfg.text.vocab}) has {tokenizer.n_vocab} ids but "
+                         f"model.text.n_vocab is {n_vocab}: set model.text.n_vocab >= {tokenizer.n_vocab}")
+    return tokenizer
+
+
 def build_denoiser(cfg: Config, net) -> Denoiser:
     """``net`` wrapped with the process and parameterisation of ``cfg.diffusion``."""
     d = cfg.diffusion

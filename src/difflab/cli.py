@@ -2,7 +2,7 @@
 
 Each subcommand is a pair: ``_add_NAME(subparsers)`` declares its arguments and sets
 ``func=_run_NAME``; ``_run_NAME(args) -> int`` calls the library. To add a subcommand, write the
-pair and list ``_add_NAME`` in ``_SUBCOMMANDS``. Bad input (ValueError, FileNotFoundError) prints
+pair and list ``_add_NAME`` in ``_SUBCOMMANDS``. Bad input (ValueError, OSError such as FileNotFoundError) prints
 ``difflab: error: <message>`` on one line to stderr and exits 2; ``--debug`` shows the traceback.
 """
 
@@ -137,6 +137,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="run the network under "
                    "bf16 autocast, or not (default: sample.bf16, auto = where the hardware has native bf16)")
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", help="a caption for a "
+                   "text-conditional run (repeatable; the samples cycle through them)")
+    p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file of captions, one a line")
     p.add_argument("--grid", metavar="FILE.png", help="write a PNG grid here")
     p.add_argument("--npz", metavar="FILE.npz", help="write the images and labels here")
     p.add_argument("--low-res", metavar="FILE.npz", help="a super-resolution run: the images to upsample (e.g. a "
@@ -165,7 +168,7 @@ def _run_sample(args: argparse.Namespace) -> int:
                   batch=args.batch, guidance_scale=args.guidance, classifier=args.classifier,
                   classifier_scale=args.classifier_scale, bf16=args.bf16, grid=args.grid, npz=args.npz,
                   ema=args.ema, checkpoint=args.checkpoint, low_res=args.low_res, aug_level=args.aug_level,
-                  progress=not args.quiet)
+                  prompts=_prompts(args), progress=not args.quiet)
     given = [flag for flag, value in (("--ref", args.ref), ("--features", args.features),
                                       ("--inception-weights", args.inception_weights)) if value is not None]
     if not args.eval:
@@ -182,6 +185,23 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """--prompt TEXT ... and / or --prompts FILE (one caption a line, blank lines skipped)."""
+    prompts = list(args.prompts or [])
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts: file not found: {path}")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompts {path}: not UTF-8 text") from None
+        prompts += [ln.strip() for ln in lines if ln.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {path}: no captions in the file")
+    return prompts or None
+
+
 def _run_sample_cascade(args: argparse.Namespace) -> int:
     """``difflab sample CASCADE.yaml``: per-stage settings live in the file (docs/cascade.md)."""
     from difflab.generate import sample_cascade_file
@@ -193,9 +213,10 @@ def _run_sample_cascade(args: argparse.Namespace) -> int:
         ("--bf16", args.bf16), ("--eval", args.eval or None)) if value is not None]
     if per_stage:
         raise ValueError(f"{', '.join(per_stage)}: set per stage in the cascade file {args.run} (valid here: --n, "
-                         "--seed, --label, --batch, --grid, --npz, --stages)")
+                         "--seed, --label, --batch, --prompt, --prompts, --grid, --npz, --stages)")
     for path in sample_cascade_file(args.run, n=args.n, seed=args.seed, label=args.label, batch=args.batch,
-                                    grid=args.grid, npz=args.npz, stages_dir=args.stages, progress=not args.quiet):
+                                    grid=args.grid, npz=args.npz, stages_dir=args.stages, prompts=_prompts(args),
+                                    progress=not args.quiet):
         print(f"wrote {path}")
     return 0
 
@@ -324,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = _one_line_warning
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, no permission, a full disk, ...
         if args.debug:
             raise
         message = " ".join(str(e).split())  # one line

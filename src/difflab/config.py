@@ -38,6 +38,7 @@ import yaml
 
 if TYPE_CHECKING:
     from difflab.nn.classifier import ClassifierConfig
+    from difflab.nn.text_unet import TextUNetConfig
     from difflab.nn.unet import UNetConfig
 
 
@@ -69,10 +70,12 @@ def _hints(cls: type) -> dict[str, Any]:
     import sys
 
     from difflab.nn.classifier import ClassifierConfig
+    from difflab.nn.text_unet import TextUNetConfig
     from difflab.nn.unet import UNetConfig
 
     ns = dict(vars(sys.modules[cls.__module__]))
     ns.setdefault("UNetConfig", UNetConfig)
+    ns.setdefault("TextUNetConfig", TextUNetConfig)
     ns.setdefault("ClassifierConfig", ClassifierConfig)
     return typing.get_type_hints(cls, globalns=ns)
 
@@ -116,6 +119,13 @@ def _convert(tp: Any, value: Any, path: tuple[str, ...]) -> Any:
                 return None
             raise ConfigError(path, f"must not be null (expected {_type_name(tp)})")
         options = [a for a in args if a is not type(None)]
+        classes = [o for o in options if dataclasses.is_dataclass(o)]
+        if isinstance(value, Mapping) and len(classes) > 1:
+            # a mapping for one of several configs: the first whose fields hold every key (else the first, so
+            # that its error names the unknown key)
+            keys = set(value) - {"preset"}
+            fitting = [o for o in classes if keys <= set(_field_names(o))]
+            return _convert((fitting or classes)[0], value, path)
         errors = []
         for option in options:
             try:
@@ -339,6 +349,22 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class TextConfig:
+    """How a text-conditional run (``model.text``: GLIDE's text transformer) turns captions into tokens."""
+
+    # gpt2 = GLIDE's BPE, clip = CLIP's, miniature = word-level (difflab.text; docs/text.md)
+    tokenizer: Literal["gpt2", "clip", "miniature"] = "miniature"
+    # the vocabulary: a path (gpt2: the folder with encoder.json and vocab.bpe; clip: bpe_simple_vocab_16e6.txt;
+    # miniature: its tokenizer.json), or "scenes" = the miniature vocabulary of the captioned MNIST scenes
+    vocab: str = "scenes"
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        ok = self.vocab != "scenes" or self.tokenizer == "miniature"
+        _require(self, ok, "vocab", "'scenes' is a miniature vocabulary: set text.tokenizer: miniature or a path")
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Conditioning augmentation of a super-resolution stage's low-res input (CDM Sec. 4.2; difflab.augment)."""
 
@@ -535,8 +561,9 @@ class SampleConfig:
 class Config:
     """A whole run: network, diffusion, data, training and sampling."""
 
-    # the network (difflab.nn.unet.UNetConfig); YAML may say {preset: NAME, ...overrides}
-    model: UNetConfig
+    # the network (difflab.nn.unet.UNetConfig; with a `text` section GLIDE's difflab.nn.text_unet.TextUNetConfig);
+    # YAML may say {preset: NAME, ...overrides}
+    model: UNetConfig | TextUNetConfig
     # noise process and loss
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     # training data
@@ -547,13 +574,19 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     # a super-resolution stage's conditioning augmentation (CDM; docs/cascade.md)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # a text-conditional network's tokenizer (GLIDE; docs/text.md)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):
             object.__setattr__(self, "model", resolve_model_section(self.model))
         _normalise(self)
-        if self.diffusion.p_uncond > 0 and not self.data.class_cond:
-            raise ConfigError(("diffusion", "p_uncond"), "label dropout needs data.class_cond: true")
+        if self.is_text and not self.data.captions:
+            raise ConfigError(("data", "captions"), "a text-conditional model (model.text) trains on captions: "
+                                                    "set data.captions: true")
+        if self.diffusion.p_uncond > 0 and not (self.data.class_cond or self.is_text):
+            raise ConfigError(("diffusion", "p_uncond"), "label dropout needs data.class_cond: true (or caption "
+                                                         "dropout a text-conditional model.text)")
         if self.sample.steps is not None and self.sample.steps > self.diffusion.steps:
             raise ConfigError(
                 ("sample", "steps"), f"must be <= diffusion.steps={self.diffusion.steps}",
@@ -564,6 +597,11 @@ class Config:
             rates = list(self.train.ema_rates)
             raise ConfigError(("sample", "ema_rate"), f"must be one of train.ema_rates {rates}; got {rate}")
 
+
+    @property
+    def is_text(self) -> bool:
+        """A text-conditional network (GLIDE's TextUNet: ``model.text``)."""
+        return getattr(self.model, "text", None) is not None
 
     def _check_model_fits(self) -> None:
         """Cross-checks between the network and the other sections (for networks with these fields)."""
@@ -581,7 +619,7 @@ class Config:
                 f"is {m.num_classes} but data.class_cond is {str(self.data.class_cond).lower()}; "
                 "a class-conditional network needs labelled data and vice versa",
             )
-        if self.diffusion.p_uncond > 0 and getattr(m, "class_null", True) is False:
+        if self.diffusion.p_uncond > 0 and not self.is_text and getattr(m, "class_null", True) is False:
             raise ConfigError(("model", "class_null"), "must be true when diffusion.p_uncond > 0 (the dropped label)")
         in_ch = getattr(m, "in_channels", None)
         if in_ch is not None and self.data.channels is not None and in_ch != self.data.channels:
@@ -722,8 +760,12 @@ def _from_preset(cls: type, section: Mapping[str, Any], path: tuple[str, ...]) -
 
 
 def resolve_model_section(section: Mapping[str, Any]) -> Any:
-    """The ``model`` section as a config: ``{preset: NAME, **overrides}`` or the explicit fields."""
-    return _convert(_hints(Config)["model"], section, ("model",))
+    """The ``model`` section as a config: ``{preset: NAME, **overrides}`` or the explicit fields (a
+    ``text`` field makes it GLIDE's :class:`~difflab.nn.text_unet.TextUNetConfig`)."""
+    plain, text = typing.get_args(_hints(Config)["model"])
+    if "preset" in section:
+        return _from_preset(plain, section, ("model",))  # a TextUNetConfig preset is a UNetConfig too
+    return _convert(text if "text" in section else plain, section, ("model",))
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -74,7 +74,43 @@ def _labels(num_classes: int | None, n: int, label: int | str | None) -> torch.T
     return torch.arange(n, dtype=torch.long) % num_classes
 
 
-def _guided(denoiser: Denoiser, cfg: Config, guidance_scale: float, classifier, classifier_scale: float):
+def _captions(cfg: Config, prompts) -> list[str] | None:
+    """The prompt list of a text-conditional run (checked), None for any other run."""
+    if not cfg.is_text:
+        if prompts is not None:
+            raise ValueError("--prompt / --prompts: this run is not text-conditional (no model.text)")
+        return None
+    if prompts is None or isinstance(prompts, str) or not len(prompts):
+        raise ValueError("a text-conditional run samples from captions: give --prompt TEXT (repeatable) or "
+                         "--prompts FILE (one caption a line)")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings, got {bad[0]!r}")
+    return list(prompts)
+
+
+class _TextCondition:
+    """``tokens`` / ``mask`` of each batch's captions, and the empty caption's as the guidance null."""
+
+    def __init__(self, cfg: Config, captions: list[str], n: int) -> None:
+        from difflab.build import build_tokenizer
+        from difflab.text import tokenize_batch
+
+        ctx = cfg.model.text.text_ctx
+        tokenizer = build_tokenizer(cfg)
+        distinct = list(dict.fromkeys(captions))
+        tokens, mask = tokenize_batch(tokenizer, distinct, ctx)
+        index = torch.tensor([distinct.index(captions[i % len(captions)]) for i in range(n)])
+        self.tokens, self.mask = tokens[index], mask[index]
+        null_tokens, null_mask = tokenize_batch(tokenizer, [""], ctx)
+        self.null = {"tokens": null_tokens, "mask": null_mask}
+
+    def kwargs(self, lo: int, hi: int, device) -> dict[str, torch.Tensor]:
+        return {"tokens": self.tokens[lo:hi].to(device), "mask": self.mask[lo:hi].to(device)}
+
+
+def _guided(denoiser: Denoiser, cfg: Config, guidance_scale: float, classifier, classifier_scale: float,
+            null_cond=None):
     """The denoiser with classifier-free (w) and/or classifier (s) guidance, or ValueError saying why not."""
     from difflab.guidance import guided_denoiser
 
@@ -82,6 +118,15 @@ def _guided(denoiser: Denoiser, cfg: Config, guidance_scale: float, classifier, 
         if not 0 <= value < float("inf"):
             raise ValueError(f"the {what} must be a finite number >= 0, got {value}")
     num_classes = getattr(cfg.model, "num_classes", None)
+    if cfg.is_text:
+        if classifier is not None:
+            raise ValueError("--classifier: classifier guidance of a text-conditional run is not supported; use "
+                             "--guidance W (classifier-free, the empty caption as the null)")
+        if guidance_scale > 0 and cfg.diffusion.p_uncond <= 0:
+            raise ValueError("--guidance W needs a text run trained with caption dropout (diffusion.p_uncond > 0); "
+                             "this run never learned the unconditional model")
+        return guided_denoiser(denoiser, guidance_scale=guidance_scale, null_cond=null_cond) if guidance_scale \
+            else denoiser
     if guidance_scale > 0:
         if num_classes is None:
             raise ValueError(
@@ -120,6 +165,7 @@ def draw_samples(
     aug_level: int | None = None,
     low_res_noised: bool = False,
     truncate_at: int = 0,
+    prompts=None,
     distributed: bool = True,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -136,6 +182,10 @@ def draw_samples(
     With ``distributed`` and an initialised process group, the batches are split across ranks and
     every rank returns all ``n`` samples.
 
+    A text-conditional run (``model.text``, GLIDE) takes ``prompts``, a list of captions: sample i gets
+    ``prompts[i % len(prompts)]`` (``n`` defaults to their number); classifier-free guidance w then uses the
+    empty caption as the null (GLIDE).
+
     A super-resolution stage (``model.low_res_channels > 0``) takes ``low_res`` [n, C, s, s] in [-1, 1],
     the images it upsamples (CDM). With noise augmentation (``augment.kind: noise``) it is told the level
     ``aug_level`` (default ``sample.aug_level``): ``low_res`` is z_0, noised here to z_s ~ q(z_s | z_0)
@@ -147,7 +197,8 @@ def draw_samples(
     sc = cfg.sample
     guidance_scale = sc.guidance_scale if guidance_scale is None else float(guidance_scale)
     classifier_scale = sc.classifier_scale if classifier_scale is None else float(classifier_scale)
-    n = sc.n if n is None else n
+    captions = _captions(cfg, prompts)
+    n = (len(captions) if captions is not None else sc.n) if n is None else n
     batch = sc.batch if batch is None else batch
     seed = sc.seed if seed is None else seed
     name = sc.sampler if sampler is None else sampler
@@ -182,7 +233,9 @@ def draw_samples(
             raise ValueError(f"a chain truncated at level {truncate_at} needs the ancestral or ddim sampler, "
                              f"not {name!r}")
         fn = functools.partial(sample_truncated, fn, s=truncate_at)
-    denoiser = _guided(denoiser, cfg, guidance_scale, classifier, classifier_scale)
+    text = _TextCondition(cfg, captions, n) if captions is not None else None
+    denoiser = _guided(denoiser, cfg, guidance_scale, classifier, classifier_scale,
+                       null_cond=text.null if text is not None else None)
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     rank, world = (dist_utils.get_rank(), dist_utils.get_world_size()) if distributed else (0, 1)
     mine = []
@@ -192,6 +245,8 @@ def draw_samples(
         x_T = torch.randn((hi - lo, *shape), generator=g, device=device)
         model_kwargs = {"y": labels[lo:hi].to(device)} if labels is not None else {}
         model_kwargs.update(condition.kwargs(lo, hi, g, device))
+        if text is not None:
+            model_kwargs.update(text.kwargs(lo, hi, device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = fn(denoiser, x_T, generator=g, model_kwargs=model_kwargs or None, progress=progress, **kwargs)
         mine.append((k, x.float().cpu()))
@@ -289,6 +344,7 @@ def sample_run(
     checkpoint=None,
     low_res=None,
     aug_level: int | None = None,
+    prompts=None,
     progress: bool = False,
     evaluate: dict | None = None,
 ) -> tuple[list, dict | None]:
@@ -337,6 +393,7 @@ def sample_run(
     x, labels = draw_samples(denoiser, cfg, n=n, sampler=name, steps=steps, eta=eta, label=label, seed=seed,
                              batch=batch, guidance_scale=guidance_scale, classifier=classifier,
                              classifier_scale=classifier_scale, bf16=bf16, low_res=low_res, aug_level=aug_level,
+                             prompts=prompts,
                              progress=progress and info.rank == 0)
     images = to_uint8(x, cfg.data) if info.rank == 0 or evaluator is not None else None
     labels = labels.numpy() if labels is not None else None
@@ -355,7 +412,7 @@ def sample_run(
 
 
 def sample_cascade_file(path, *, n: int | None = None, seed: int | None = None, label=None, batch: int | None = None,
-                        grid=None, npz=None, stages_dir=None, progress: bool = False) -> list:
+                        grid=None, npz=None, stages_dir=None, prompts=None, progress: bool = False) -> list:
     """``difflab sample CASCADE.yaml``: every stage of :mod:`difflab.pipelines.cascade` in turn (sharded
     under torchrun), the last stage's images to ``grid`` / ``npz`` (default ``<cascade>.png`` / ``.npz``
     beside the file) and, with ``stages_dir``, each stage's to ``stage_K.{png,npz}`` there (rank 0;
@@ -376,7 +433,7 @@ def sample_cascade_file(path, *, n: int | None = None, seed: int | None = None, 
         for k in range(len(cascade.stages)):
             check_output_files(grid=Path(stages_dir) / f"stage_{k}.png", npz=Path(stages_dir) / f"stage_{k}.npz")
     stages = build_cascade(cascade, device=info.device)
-    results = sample_cascade(cascade, stages, progress=progress and info.rank == 0)
+    results = sample_cascade(cascade, stages, prompts=prompts, progress=progress and info.rank == 0)
     written = []
     if info.rank == 0:
         outputs = []

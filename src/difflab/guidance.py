@@ -419,12 +419,19 @@ class ClassifierFreeGuidance:
         guidance_scale: w >= 0 (GLIDE's scale is 1 + w).
         null_label: the dropped label. Default: ``num_classes`` on a U-Net built with ``class_null``.
         num_classes: the number of real classes; default from ``net.config.num_classes``.
+        null_cond: a text model's null instead of a label: ``{"tokens": [1, L], "mask": [1, L]}`` of the empty
+            caption (GLIDE), put in the unconditional half in place of the caption's tokens.
     """
 
     def __init__(self, net: Callable[..., Tensor], guidance_scale: float, null_label: int | None = None,
-                 *, num_classes: int | None = None):
+                 *, num_classes: int | None = None, null_cond: dict[str, Tensor] | None = None):
         if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
             raise ValueError(f"guidance_scale w must be a finite number >= 0, got {guidance_scale!r}")
+        self.null_cond = null_cond
+        if null_cond is not None:  # a text model (GLIDE): the null is the empty caption's tokens, not a label
+            self.net, self.guidance_scale, self.config = net, float(guidance_scale), getattr(net, "config", None)
+            self.null_label, self.num_classes = None, None
+            return
         known, model_classes = _net_num_classes(net)
         if known and model_classes is None:
             raise ValueError(
@@ -450,6 +457,8 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None, **cond: Any) -> Tensor:
         n = x_t.shape[0]
+        if self.null_cond is not None:
+            return self._text(x_t, t, y, cond)
         check_labels(y, self.num_classes, n, "classifier-free guidance")
         if self.num_classes is None and bool((y == self.null_label).any()):
             raise ValueError(f"classifier-free guidance: y holds the null label {self.null_label}; pass real classes")
@@ -459,17 +468,42 @@ class ClassifierFreeGuidance:
         both = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
                 for k, v in cond.items()}
         out = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, null]), **both)
+        return self._combine(out, x_t.shape)
+
+    def _text(self, x_t: Tensor, t: Tensor, y: Tensor | None, cond: dict[str, Any]) -> Tensor:
+        """The text form: the unconditional half takes ``null_cond`` (each [1, ...], broadcast to N) in place
+        of the caption's tokens; GLIDE's ``model_fn`` with the empty caption."""
+        if y is not None:
+            raise ValueError("classifier-free guidance of a text model takes captions (tokens), not labels y")
+        if self.guidance_scale == 0.0:
+            return self.net(x_t, t, **cond)
+        n = x_t.shape[0]
+        missing = sorted(set(self.null_cond) - set(cond))
+        if missing:
+            raise ValueError(f"classifier-free guidance of a text model: {missing} not given")
+        both = {}
+        for k, v in cond.items():
+            if k in self.null_cond:
+                both[k] = torch.cat([v, self.null_cond[k].to(v.device).expand(n, *v.shape[1:])])
+            else:
+                both[k] = torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+        return self._combine(self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), **both), x_t.shape)
+
+    def _combine(self, out: Tensor, shape: torch.Size) -> Tensor:
+        """[c; u] of batch 2N -> (1 + w) c - w u on the mean channels, c's variance channels (GLIDE)."""
+        n, ch = shape[0], shape[1]
         c, u = out[:n], out[n:]
-        ch = x_t.shape[1]
         w = self.guidance_scale
         mean = (1 + w) * c[:, :ch] - w * u[:, :ch]
         return torch.cat([mean, c[:, ch:]], dim=1) if c.shape[1] > ch else mean
 
 
 def classifier_free_denoiser(denoiser: Denoiser, guidance_scale: float, null_label: int | None = None,
-                             *, num_classes: int | None = None) -> Denoiser:
+                             *, num_classes: int | None = None, null_cond: dict[str, Tensor] | None = None
+                             ) -> Denoiser:
     """``denoiser`` with its network wrapped in :class:`ClassifierFreeGuidance` (same process and parameterization)."""
-    net = ClassifierFreeGuidance(denoiser.net, guidance_scale, null_label, num_classes=num_classes)
+    net = ClassifierFreeGuidance(denoiser.net, guidance_scale, null_label, num_classes=num_classes,
+                                 null_cond=null_cond)
     return denoiser.with_net(net)
 
 
@@ -481,6 +515,7 @@ def guided_denoiser(
     classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
     classifier_scale: float = 0.0,
     conditional_model: bool | None = None,
+    null_cond: dict[str, Tensor] | None = None,
 ) -> Denoiser | ClassifierGuidance:
     """The denoiser a sampling command wants: classifier-free (w > 0), then classifier-guided.
 
@@ -494,7 +529,7 @@ def guided_denoiser(
         raise ValueError(f"classifier_scale={classifier_scale} needs a classifier")
     out: Denoiser | ClassifierGuidance = denoiser
     if guidance_scale:
-        out = classifier_free_denoiser(denoiser, guidance_scale, null_label)
+        out = classifier_free_denoiser(denoiser, guidance_scale, null_label, null_cond=null_cond)
     if classifier is not None:
         out = ClassifierGuidance(out, classifier, classifier_scale, conditional_model=conditional_model)
     return out

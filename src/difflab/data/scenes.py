@@ -56,7 +56,7 @@ __all__ = [
     "SPLIT_IDS", "DIGITS_PER_CLASS", "DEFAULT_NUM_SCENES", "REFERENCE_SPLIT", "REFERENCE_SEED", "REFERENCE_SIZE",
     "SceneObject", "SceneDescription", "Scene", "SceneBatch", "describe_scene", "describe_scenes", "caption_of",
     "parse_caption", "box_slices", "render_objects", "render_scene", "render_scenes", "downsample", "SceneDataset",
-    "reference_scenes", "reference_captions", "write_prompt_list",
+    "reference_scenes", "reference_captions", "write_prompt_list", "SCENE_WORDS",
 ]
 
 # ----------------------------------------------------------------------------------------- the spec
@@ -91,6 +91,10 @@ _LAYOUT_POSITIONS: dict[str, tuple[str | None, ...]] = {
 }
 SCENE_SIZES: tuple[int, ...] = (64, 32, 16)  # renders: 64x64 truth, 2x2 and 4x4 block means
 CANVAS = 64
+#: every word a scene caption can hold (the miniature tokenizer's vocabulary of ``text.vocab: scenes``)
+SCENE_WORDS: tuple[str, ...] = tuple(sorted({
+    "a", "small", "large", "in", "the", "top", "bottom", "left", "right", "on", "and", "at",
+    *COLOURS, *NUMBER_WORDS, *(str(d) for d in range(10))}))
 SPLIT_IDS: dict[str, int] = {"train": 0, "test": 1}
 DIGITS_PER_CLASS: dict[str, int] = {"train": MNIST_TRAIN_PER_CLASS, "test": 500 - MNIST_TRAIN_PER_CLASS}
 DEFAULT_NUM_SCENES: dict[str, int] = {"train": 20_000, "test": 1_000}

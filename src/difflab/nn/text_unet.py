@@ -98,13 +98,18 @@ class TextUNet(TextEncoderMixin, UNet):
             t: [N] timestep index of the original process.
             tokens: [N, text_ctx] caption ids; mask: [N, text_ctx] bool (True on caption tokens).
             **cond: the U-Net's image conditioning: ``low_res`` [N, C, h, w] (super-resolution),
-                ``inpaint_image`` [N, C, H, W] and ``inpaint_mask`` [N, 1, H, W] (zeros when None).
+                ``inpaint_image`` [N, C, H, W] and ``inpaint_mask`` [N, 1, H, W] (zeros when None); and
+                ``cond`` [N, xf_width], a vector added to the pooled text before ``cond_proj`` (difflab: a text
+                super-resolution stage's noise-augmentation level embedding, CDM; never in GLIDE's models).
         Returns:
             [N, out_channels, H, W] raw output.
         """
-        taken = sorted(k for k in ("cond", "context", "context_mask") if cond.get(k) is not None)
+        taken = sorted(k for k in ("context", "context_mask") if cond.get(k) is not None)
         if taken:
             raise ValueError(f"{', '.join(taken)} come from the text encoder here: pass tokens and mask")
-        cond = {k: v for k, v in cond.items() if k not in ("cond", "context", "context_mask")}
+        extra = cond.pop("cond", None)
+        cond = {k: v for k, v in cond.items() if k not in ("context", "context_mask")}
         pooled, context = self.encode_text(tokens, mask)
+        if extra is not None:
+            pooled = pooled + extra.to(pooled.dtype)
         return super().forward(x_t, t, cond=pooled, context=context, context_mask=None, **cond)

@@ -196,10 +196,11 @@ def check_chain(stages: list[Stage], label: Any) -> None:
                                  f"ddim sampler, not {name!r}")
 
 
-def sample_cascade(cascade: CascadeConfig, stages: list[Stage] | None = None, *, distributed: bool = True,
-                   progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def sample_cascade(cascade: CascadeConfig, stages: list[Stage] | None = None, *, prompts=None,
+                   distributed: bool = True, progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Every stage's samples, base first: ``[(x [n, C, S_k, S_k] in [-1, 1] (z_s for a stage whose chain
-    was truncated), labels or None), ...]``; under torchrun each stage is sharded across the ranks."""
+    was truncated), labels or None), ...]``; under torchrun each stage is sharded across the ranks.
+    ``prompts`` (captions, cycled over the n samples) go to every text-conditional stage."""
     from difflab.generate import draw_samples
 
     stages = build_cascade(cascade) if stages is None else stages
@@ -216,7 +217,8 @@ def sample_cascade(cascade: CascadeConfig, stages: list[Stage] | None = None, *,
                                  is not None else None, seed=cascade.seed + k, batch=cascade.batch,
                                  guidance_scale=spec.guidance, bf16=spec.bf16, low_res=low_res,
                                  aug_level=spec.aug_level, low_res_noised=spec.truncated, truncate_at=truncate_at,
-                                 distributed=distributed, progress=progress)
+                                 prompts=prompts if st.cfg.is_text else None, distributed=distributed,
+                                 progress=progress)
         out.append((x, labels))
         # handed on as images (uint8, as the official upsamplers read them), or as z_s when truncated
         low_res = x if truncate_at else _as_images(x)

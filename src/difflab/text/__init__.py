@@ -61,6 +61,15 @@ def load_tokenizer(kind: TokenizerKind, path: str | Path) -> Tokenizer:
     raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: {', '.join(TOKENIZER_KINDS)}")
 
 
+def tokenize_batch(tokenizer: Tokenizer, captions: Sequence[str], text_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` [N, text_ctx] int64 and ``mask`` [N, text_ctx] bool for N captions (the empty caption ""
+    is GLIDE's unconditional input)."""
+    pairs = [tokenizer.padded_tokens_and_mask(c, text_ctx) for c in captions]
+    if not pairs:
+        return torch.zeros(0, text_ctx, dtype=torch.long), torch.zeros(0, text_ctx, dtype=torch.bool)
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
 __all__ = [
     "CLIPTokenizer",
     "GPT2Tokenizer",
@@ -70,4 +79,5 @@ __all__ = [
     "TokenizerKind",
     "clean_caption",
     "load_tokenizer",
+    "tokenize_batch",
 ]

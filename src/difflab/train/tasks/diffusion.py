@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from difflab.build import build_denoiser, build_model, build_timestep_sampler, default_ema_rate, training_loss_type
+from difflab.build import (
+    build_denoiser,
+    build_model,
+    build_timestep_sampler,
+    build_tokenizer,
+    default_ema_rate,
+    training_loss_type,
+)
 from difflab.losses import training_losses
 from difflab.process import Process
 from difflab.timesteps import LossSecondMomentResampler
@@ -42,6 +49,8 @@ class DiffusionTask(Task):
         self.loss_type = training_loss_type(cfg.diffusion)
         self.timestep_sampler = build_timestep_sampler(cfg)
         self._denoisers: dict[int, Any] = {}
+        self._tokenizer = None
+        self._token_cache: dict[str, tuple[Tensor, Tensor]] = {}
         self.augment = cfg.augment
         if self.augment.kind != "none":  # a super-resolution stage's conditioning augmentation
             self.generator_names = (*self.generator_names, "augment")
@@ -64,8 +73,9 @@ class DiffusionTask(Task):
         g = generators["noise"]
         noise = torch.randn((batch_size, *batch["x0"].shape[1:]), generator=g, device=g.device)
         out = {"t": t, "weights": w, "noise": noise}
-        if self.cfg.data.class_cond and self.cfg.diffusion.p_uncond > 0:
-            # the same Bernoulli(p_uncond) coins as guidance.drop_labels, drawn for the global batch
+        if (self.cfg.data.class_cond or self.cfg.is_text) and self.cfg.diffusion.p_uncond > 0:
+            # the same Bernoulli(p_uncond) coins as guidance.drop_labels, drawn for the global batch; a text
+            # model's dropped captions become "" (GLIDE: the empty token sequence)
             out["drop"] = torch.rand(batch_size, generator=generators["labels"]) < self.cfg.diffusion.p_uncond
         if self.augment.kind != "none":
             out.update(self._augment_draws(batch_size, batch["low_res"].shape[1:], generators["augment"]))
@@ -92,9 +102,28 @@ class DiffusionTask(Task):
             if "drop" in draws:  # classifier-free training: the null label num_classes (CFG Alg. 1)
                 y = torch.where(draws["drop"], torch.full_like(y, self.cfg.model.num_classes), y)
             out["y"] = y
+        if self.cfg.is_text:
+            captions = list(batch["caption"])
+            if "drop" in draws:
+                captions = ["" if d else c for c, d in zip(captions, draws["drop"].tolist(), strict=True)]
+            out["tokens"], out["mask"] = self.tokens(captions, batch["x0"].device)
         if getattr(self.cfg.model, "low_res_channels", 0):
             out.update(self.low_res_kwargs(batch["low_res"], draws))
         return out
+
+    def tokens(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """``tokens`` / ``mask`` [N, text_ctx] of the run's tokenizer, each distinct caption tokenised once."""
+        from difflab.text import tokenize_batch
+
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer(self.cfg)
+        ctx = self.cfg.model.text.text_ctx
+        missing = [c for c in dict.fromkeys(captions) if c not in self._token_cache]
+        if missing:
+            tokens, mask = tokenize_batch(self._tokenizer, missing, ctx)
+            self._token_cache.update({c: (tokens[i], mask[i]) for i, c in enumerate(missing)})
+        pairs = [self._token_cache[c] for c in captions]
+        return (torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device))
 
     def low_res_kwargs(self, low_res: Tensor, draws: dict[str, Tensor]) -> dict[str, Tensor]:
         """``low_res`` (augmented as the draws say) and, under noise augmentation, ``cond`` = the level's
@@ -140,12 +169,14 @@ class DiffusionTask(Task):
         from difflab.generate import draw_samples
         from difflab.images import save_grid, to_uint8
 
-        n, low_res = GRID_IMAGES, None
-        if getattr(self.cfg.model, "low_res_channels", 0):  # a super-resolution stage: the first batch's low-res
-            low_res = trainer.source.batch(0)["low_res"][:GRID_IMAGES]
-            n = len(low_res)
-        x, _ = draw_samples(build_denoiser(self.cfg, net), self.cfg, n=n, low_res=low_res, distributed=False,
-                            progress=False)
+        n, low_res, prompts = GRID_IMAGES, None, None
+        if getattr(self.cfg.model, "low_res_channels", 0) or self.cfg.is_text:
+            first = trainer.source.batch(0)  # a super-resolution stage / text model: the first batch's inputs
+            low_res = first["low_res"][:GRID_IMAGES] if "low_res" in first else None
+            prompts = list(first["caption"][:GRID_IMAGES]) if self.cfg.is_text else None
+            n = min(GRID_IMAGES, len(first["x0"]))
+        x, _ = draw_samples(build_denoiser(self.cfg, net), self.cfg, n=n, low_res=low_res, prompts=prompts,
+                            distributed=False, progress=False)
         path = trainer.run_dir / "samples" / f"step_{trainer.step:07d}.png"
         save_grid(to_uint8(x, self.cfg.data), path)
         return path

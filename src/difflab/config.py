@@ -762,10 +762,7 @@ def _from_preset(cls: type, section: Mapping[str, Any], path: tuple[str, ...]) -
 def resolve_model_section(section: Mapping[str, Any]) -> Any:
     """The ``model`` section as a config: ``{preset: NAME, **overrides}`` or the explicit fields (a
     ``text`` field makes it GLIDE's :class:`~difflab.nn.text_unet.TextUNetConfig`)."""
-    plain, text = typing.get_args(_hints(Config)["model"])
-    if "preset" in section:
-        return _from_preset(plain, section, ("model",))  # a TextUNetConfig preset is a UNetConfig too
-    return _convert(text if "text" in section else plain, section, ("model",))
+    return _convert(_hints(Config)["model"], section, ("model",))  # the union picks the config by its keys
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

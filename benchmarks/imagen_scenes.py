@@ -84,14 +84,15 @@ def main() -> int:
                   lowres_cond=True),
              Unet(**common, dim_mults=(1, 2, 2), layer_attns=(False, False, True),
                   layer_cross_attns=(False, False, True), lowres_cond=True))
+    # the last upsampler trains on 32x32 crops of the 64x64 renders, as difflab's configs/scenes-sr32-64.yaml
     imagen = Imagen(unets=unets, image_sizes=(16, 32, 64), text_embed_dim=64, timesteps=(25, 10, 10),
-                    cond_drop_prob=0.2, condition_on_text=True)
+                    cond_drop_prob=0.2, condition_on_text=True, random_crop_sizes=(None, None, 32))
     g = torch.Generator().manual_seed(1)
     stages = []
     for k, unet in enumerate(imagen.unets, start=1):
         opt = torch.optim.Adam(unet.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
         ema = EMA(unet, beta=0.995, update_after_step=0, update_every=1)
-        steps, t0 = 0, time.perf_counter()
+        steps, t0, cpu0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < args.minutes * 60:
             idx = torch.randint(0, n_train, (32,), generator=g)
             text_embeds, text_masks = embed([train_captions[i] for i in idx.tolist()])
@@ -106,6 +107,7 @@ def main() -> int:
         unet.load_state_dict(ema.ema_model.state_dict())
         params = sum(p.numel() for p in unet.parameters())
         stages.append({"unet": k, "steps": steps, "seconds": round(seconds, 1), "params": params,
+                       "cpu_minutes": round((time.process_time() - cpu0) / 60, 2),
                        "img_per_s": round(steps * 32 / seconds, 1)})
         print(stages[-1], flush=True)
     from difflab.data.scenes import reference_captions

@@ -8,7 +8,10 @@ their own resolution with the scene evaluator (attribute accuracy per attribute 
 FD / precision / recall in scene features against the 1,000 reference scenes at that resolution). The s
 sweep (``--levels``) re-samples only the last stage, from the same 32x32 images.
 
-    python benchmarks/scenes_cascade.py --minutes 8            # ~30 minutes on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/scenes_cascade.py --minutes 10 --levels 0 50 100 200
+
+(the command of docs/results/scenes-cascade.md, run beside the peer benchmarks/imagen_scenes.py, one
+thread each, so both get the same CPU minutes; each stage reports the CPU minutes its training used)
 Writes docs/results/scenes-cascade.{json,md}, scenes-cascade-table.md and scenes-cascade-grid.png.
 """
 
@@ -34,16 +37,22 @@ STAGES = (("base16", "scenes-text16.yaml"), ("sr16-32", "scenes-sr16-32.yaml"), 
 
 def train_stage(work: Path, name: str, config: str, minutes: float) -> dict:
     """``difflab train`` for ``minutes`` (skipped when the run folder already holds a run); its info."""
+    import resource
+
     from difflab.runinfo import run_info
 
     run = work / name
+    cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     if not (run / "config.yaml").is_file():
         cmd = [sys.executable, "-m", "difflab", "train", str(ROOT / "configs" / config), "--out", str(run),
                "--max-minutes", str(minutes), "--quiet"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     info = run_info(run)
-    return {"run": str(run), "step": info.get("step"), "minutes": round(info.get("train_seconds", 0) / 60, 2)}
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    return {"run": str(run), "step": info.get("steps_done"), "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "cpu_minutes": round(cpu / 60, 2), "img_per_s": info.get("img_per_s")}
 
 
 def main() -> int:

@@ -415,6 +415,9 @@ class DataConfig:
     # random crops of image_size from larger images (reproducible from (seed, epoch, index)) instead of
     # the centre crop: super-resolution training on patches
     random_crop: bool = False
+    # scenes: the side the scenes are rendered at (16, 32 or 64) when random_crop cuts image_size windows
+    # of larger renders (null = image_size); e.g. a 32 -> 64 upsampler trained on 32x32 crops of 64 renders
+    render_size: int | None = None
     # side of the square training images; MNIST / digits / npz are padded up with -1
     image_size: int = 32
     # 1 or 3; null = from the data (a folder mixing grey and colour is an error)
@@ -441,8 +444,25 @@ class DataConfig:
         _require(self, self.low_res_size is None or 1 <= self.low_res_size < self.image_size, "low_res_size",
                  f"must be null or in [1, image_size={self.image_size})")
         _require(self, self.num_scenes is None or self.num_scenes >= 1, "num_scenes", "must be null or >= 1")
+        _require(self, self.render_size is None or self.render_size >= self.image_size, "render_size",
+                 f"must be null or >= image_size={self.image_size} (crops are windows of the render)")
+        _require(self, self.render_size is None or self.low_res_size is None
+                 or self.render_size * self.low_res_size % self.image_size == 0, "render_size",
+                 f"times low_res_size={self.low_res_size} must be a multiple of image_size={self.image_size} "
+                 "(the low-res side at the render size)")
         if self.source in ("folder", "npz", "manifest", "webdataset") and not self.path:
             raise ConfigError(("path",), f"source '{self.source}' needs a path")
+
+    @property
+    def sample_size(self) -> int:
+        """The side of sampled images: ``image_size``, or ``render_size`` for a model trained on crops of
+        larger renders (the U-Net is convolutional, so it samples the whole render)."""
+        return self.render_size or self.image_size
+
+    @property
+    def sample_low_res_size(self) -> int | None:
+        """The low-res side a super-resolution stage takes when sampling ``sample_size`` images."""
+        return None if self.low_res_size is None else self.low_res_size * self.sample_size // self.image_size
 
 
 @dataclass(frozen=True)

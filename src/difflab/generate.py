@@ -236,7 +236,8 @@ def draw_samples(
     text = _TextCondition(cfg, captions, n) if captions is not None else None
     denoiser = _guided(denoiser, cfg, guidance_scale, classifier, classifier_scale,
                        null_cond=text.null if text is not None else None)
-    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    side = condition.out_side if condition.low_res is not None else cfg.data.sample_size
+    shape = (cfg.model.in_channels, side, side)
     rank, world = (dist_utils.get_rank(), dist_utils.get_world_size()) if distributed else (0, 1)
     mine = []
     for k in range(rank, -(-n // batch), world):
@@ -263,13 +264,18 @@ class _LowRes:
             if low_res is not None:
                 raise ValueError("this model takes no low-res input (it is not a super-resolution stage)")
             return
-        side = cfg.data.low_res_size
+        d = cfg.data
+        side = d.sample_low_res_size
         if low_res is None:
             raise ValueError(f"this super-resolution stage needs low-res images ({channels}x{side}x{side}, e.g. "
                              "--low-res FILE.npz or a cascade)")
-        if tuple(low_res.shape) != (n, channels, side, side):
+        # the side it samples at, or the training side (a model trained on crops: the trainer's grids)
+        sides = {side: d.sample_size, d.low_res_size: d.image_size}
+        if tuple(low_res.shape[:2]) != (n, channels) or low_res.shape[-1] != low_res.shape[-2] \
+                or low_res.shape[-1] not in sides:
             raise ValueError(f"low-res images are {list(low_res.shape)}, this stage takes {[n, channels, side, side]} "
-                             f"(n, model.low_res_channels, data.low_res_size, data.low_res_size)")
+                             f"(n, model.low_res_channels, low-res side, low-res side)")
+        self.out_side = sides[low_res.shape[-1]]
         kind = cfg.augment.kind
         if self.level and kind != "noise":
             raise ValueError(f"aug_level {self.level} needs a stage trained with noise augmentation "
@@ -375,7 +381,7 @@ def sample_run(
 
         evaluator = make_evaluator(**evaluate)
         n_check = min(max(cfg.sample.n if n is None else n, 0), 2)  # what the samples' shape will be
-        side = cfg.data.image_size
+        side = cfg.data.sample_size
         evaluator.check(to_uint8(torch.zeros(n_check, cfg.model.in_channels, side, side), cfg.data))
     classifier = classifier if classifier is not None else cfg.sample.classifier
     if classifier is not None:

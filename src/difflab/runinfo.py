@@ -31,7 +31,9 @@ def run_info(run_dir: str | os.PathLike) -> dict:
         "diffusion": f"T={d.steps} {d.schedule}, predicts {d.mean_type}, variance {d.var_type}, loss {d.loss_type}, "
                      f"t ~ {d.timestep_sampler}" + (f", p_uncond {d.p_uncond}" if d.p_uncond else ""),
         "data": f"{data.source}" + (f" {data.path}" if data.path else "") + f" {data.split or ''} "
-                f"{data.image_size}x{data.image_size}" + (" class-conditional" if data.class_cond else ""),
+                f"{data.image_size}x{data.image_size}"
+                + (f" crops of {data.render_size}x{data.render_size}" if data.render_size else "")
+                + (" class-conditional" if data.class_cond else ""),
         "train": f"AdamW lr {tc.lr} (warm-up {tc.warmup_steps}), batch {tc.batch_size}, EMA {list(tc.ema_rates)}, "
                  f"{tc.max_steps} steps",
         "steps_done": ckpts[-1]["step"] if ckpts else 0,

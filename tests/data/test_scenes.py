@@ -261,3 +261,39 @@ def test_parse_caption_errors():
                 "a large red 7 in the top left", ""):
         with pytest.raises(ValueError, match="matches none of the scene templates"):
             parse_caption(bad)
+
+
+def test_scene_dataset_random_crops_of_larger_renders():
+    """render_size 64 + random_crop: 32x32 windows of the 64x64 renders, the corner a function of
+    (seed, epoch, index), the caption the whole scene's; the low-res pair is the crop's area mean."""
+    from difflab.config import DataConfig
+    from difflab.data import build_dataset
+
+    cfg = DataConfig(source="scenes", captions=True, image_size=32, render_size=64, random_crop=True,
+                     low_res_size=16, num_scenes=20)
+    ds = build_dataset(cfg, seed=3)
+    a, b = ds.get_items([0, 5, 5], epoch=0), ds.get_items([0, 5, 5], epoch=1)
+    assert a["x0"].shape == (3, 3, 32, 32) and a["low_res"].shape == (3, 3, 16, 16)
+    assert torch.equal(a["x0"][1], a["x0"][2]) and not torch.equal(a["x0"], b["x0"])
+    assert torch.equal(ds.get_items([0, 5], epoch=0)["x0"], a["x0"][:2])  # reproducible
+    assert a["caption"][0] == describe_scene("train", 0, 0).caption
+    full = render_scenes("train", 0, [0, 5]).images[64]
+    for k, i in enumerate((0, 5)):
+        crop = ((a["x0"][k] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert any(np.array_equal(full[k][r:r + 32, c:c + 32], crop) for r in range(33) for c in range(33)), i
+    assert torch.allclose(a["low_res"], a["x0"].reshape(3, 3, 16, 2, 16, 2).mean((3, 5)), atol=1e-6)
+    assert build_dataset(cfg, seed=4).get_items([0, 5], epoch=0)["x0"].ne(a["x0"][:2]).any()
+    assert cfg.sample_size == 64 and cfg.sample_low_res_size == 32
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"random_crop": True}, "needs data.render_size"),
+    ({"render_size": 64}, "random_crop is false"),
+    ({"render_size": 48, "random_crop": True}, "not a scene render size"),
+])
+def test_scene_crops_bad_config(changes, message):
+    from difflab.config import DataConfig
+    from difflab.data import build_dataset
+
+    with pytest.raises(ValueError, match=message):
+        build_dataset(DataConfig(source="scenes", image_size=32, num_scenes=4, **changes))

@@ -49,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from difflab.data.images import MNIST_TRAIN_PER_CLASS, _ImageDataset, load_mnist5k, uint8_to_float
+from difflab.data.images import MNIST_TRAIN_PER_CLASS, _ImageDataset, load_mnist5k, random_crops, uint8_to_float
 
 __all__ = [
     "PALETTE", "COLOURS", "NUMBER_WORDS", "SIZES", "LAYOUTS", "LAYOUT_PROBS", "BOXES", "SCENE_SIZES",
@@ -392,29 +392,41 @@ class SceneDataset(_ImageDataset):
     of single-digit scenes), so ``num_classes = 10`` and a class-conditional run on scenes is
     conditioned on that digit. :meth:`attributes` gives a scene's :class:`SceneDescription`.
 
-    Renders are made on first use and kept in memory (``cache=True``: at most ``num_scenes * S * S * 3``
-    bytes, 61 MB for 20,000 scenes at 32x32). Random flips are refused: a mirrored scene contradicts
+    Renders are made on first use and kept in memory (``cache=True``: at most ``num_scenes * R * R * 3``
+    bytes, 61 MB for 20,000 scenes at R = 32). Random flips are refused: a mirrored scene contradicts
     its caption (left / right).
+
+    ``render_size`` R (default ``image_size``) renders the scenes larger than the training side: with
+    ``random_crop`` each image is then an ``image_size`` window of the R x R render, its corner a pure
+    function of ``(crop_seed, epoch, index)`` (super-resolution on patches, as unCLIP trains its
+    upsamplers on crops of a quarter of the target area); the caption stays the whole scene's.
     """
 
     channels = 3
     num_classes = 10
 
     def __init__(self, split: Literal["train", "test"] = "train", *, seed: int = 0, num_scenes: int | None = None,
-                 image_size: int = 32, random_flip: bool = False, cache: bool = True) -> None:
+                 image_size: int = 32, random_flip: bool = False, cache: bool = True,
+                 render_size: int | None = None, random_crop: bool = False, crop_seed: int = 0) -> None:
         if random_flip:
             raise ValueError("random_flip is not allowed for scenes: a mirrored scene contradicts its caption "
                              "('on the left' / 'on the right'); set data.random_flip to false")
         _check_scene_split(split)
-        _check_size(image_size, "image_size")
+        render = int(image_size) if render_size is None else int(render_size)
+        _check_size(render, "render_size" if render_size is not None else "image_size")
+        if random_crop and not (1 <= image_size <= render):
+            raise ValueError(f"random crops of image_size={image_size} need 1 <= image_size <= render_size={render}")
+        if not random_crop and render != image_size:
+            raise ValueError(f"render_size={render} differs from image_size={image_size}: scenes are never resized "
+                             "otherwise; set random_crop to take image_size windows of the larger renders")
         n = DEFAULT_NUM_SCENES[split] if num_scenes is None else int(num_scenes)
         if n < 1 or seed < 0:
             raise ValueError(f"num_scenes must be >= 1 and seed >= 0, got num_scenes={n}, seed={seed}")
-        super().__init__(image_size=int(image_size), random_flip=False, flip_seed=0)
+        super().__init__(image_size=int(image_size), random_flip=False, flip_seed=int(crop_seed))
         self.split, self.seed, self.num_scenes = split, int(seed), n
-        self.cache = cache
+        self.cache, self.render_size, self.random_crop = cache, render, bool(random_crop)
         self._descriptions: dict[int, SceneDescription] = {}
-        self._images = np.empty((n, image_size, image_size, 3), dtype=np.uint8) if cache else None
+        self._images = np.empty((n, render, render, 3), dtype=np.uint8) if cache else None
         self._done = np.zeros(n, dtype=bool)
 
     def __len__(self) -> int:
@@ -444,7 +456,7 @@ class SceneDataset(_ImageDataset):
         todo = np.unique(idx[~self._done[idx]]) if self.cache else idx
         if len(todo):
             canvas = render_objects(self.split, [self.attributes(i).objects for i in todo])
-            images = downsample(canvas, self.image_size)
+            images = downsample(canvas, self.render_size)
             if not self.cache:
                 return torch.from_numpy(images)
             self._images[todo] = images
@@ -452,14 +464,22 @@ class SceneDataset(_ImageDataset):
         return torch.from_numpy(self._images[idx])
 
     def images(self, indices) -> np.ndarray:
-        """uint8 renders ``[B, S, S, 3]`` of scenes ``indices``."""
+        """uint8 renders ``[B, R, R, 3]`` of scenes ``indices`` (R = ``render_size``, uncropped)."""
         return self._raw(np.asarray(indices)).numpy()
 
+    def _raw_at(self, indices: np.ndarray, epoch: int) -> torch.Tensor:
+        raw = self._raw(indices)
+        if not self.random_crop:
+            return raw
+        return torch.from_numpy(random_crops(raw.numpy(), self.image_size, seed=self.flip_seed, epoch=epoch,
+                                             indices=self._check_indices(indices)))
+
     def get_batch(self, indices, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x float32 [B, 3, S, S] in [-1, 1], y int64 [B] = first object's digit)``; ``epoch`` is
-        accepted for the common interface and changes nothing (no flips)."""
+        """``(x float32 [B, 3, S, S] in [-1, 1], y int64 [B] = first object's digit)``; ``epoch`` picks
+        the crops under ``random_crop`` and changes nothing otherwise (no flips)."""
         idx = self._check_indices(indices)
-        return uint8_to_float(self._raw(idx)), torch.from_numpy(self._labels_of(idx))
+        e = self.epoch if epoch is None else int(epoch)
+        return uint8_to_float(self._raw_at(idx, e)), torch.from_numpy(self._labels_of(idx))
 
     def get_items(self, indices, epoch: int | None = None) -> dict[str, Any]:
         """``{"x0", "y", "caption"}`` of scenes ``indices`` (see the class docstring)."""

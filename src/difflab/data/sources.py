@@ -120,7 +120,7 @@ def _dataset(cfg: DataConfig, *, seed: int) -> _ImageDataset:
         raise ValueError("data.source 'webdataset' is streamed, not indexable: read it with build_source (what "
                          "difflab train reads); for evaluation, use a folder, a manifest or an .npz")
     elif cfg.source == "scenes":
-        return _scene_dataset(cfg)
+        return _scene_dataset(cfg, seed=seed)
     elif cfg.source == "none":
         raise ValueError("data.source is 'none' (a converted checkpoint: no images to train on or score against); "
                          "set data.source to mnist5k, digits, folder or npz")
@@ -186,20 +186,35 @@ def _webdataset_source(cfg: DataConfig, *, seed: int, rank: int, world: int, loc
                             num_workers=cfg.num_workers)
 
 
-def _scene_dataset(cfg: DataConfig):
+def _scene_dataset(cfg: DataConfig, *, seed: int = 0):
     """Captioned MNIST scenes (:class:`~difflab.data.scenes.SceneDataset`): ``split`` (null = train),
-    ``scene_seed``, ``num_scenes`` (null = 20,000 train / 1,000 test), ``image_size`` 16, 32 or 64."""
+    ``scene_seed``, ``num_scenes`` (null = 20,000 train / 1,000 test), ``image_size`` 16, 32 or 64, or
+    ``image_size`` windows of ``render_size`` renders under ``random_crop`` (cut with ``seed``)."""
     split = cfg.split or "train"
     if split == "all":
         raise ValueError("data.split='all' does not apply to source 'scenes'; use 'train' (scenes of train digits) "
                          "or 'test' (the reference scenes)")
-    if cfg.image_size not in SCENE_SIZES:
+    if cfg.image_size not in SCENE_SIZES and not cfg.random_crop:
         raise ValueError(f"data.image_size={cfg.image_size} is not a scene render size; valid for source 'scenes': "
                          + ", ".join(map(str, SCENE_SIZES)))
     if cfg.channels not in (None, 3):
         raise ValueError(f"data.channels={cfg.channels} but scenes are RGB (3 channels); set channels to 3 or null")
+    if cfg.render_size is not None and cfg.render_size not in SCENE_SIZES:
+        raise ValueError(f"data.render_size={cfg.render_size} is not a scene render size; valid: "
+                         + ", ".join(map(str, SCENE_SIZES)))
+    if cfg.random_crop and cfg.render_size is None:
+        raise ValueError("data.random_crop on source 'scenes' needs data.render_size (the side the scenes are "
+                         f"rendered at before image_size={cfg.image_size} windows are cut): one of "
+                         + ", ".join(map(str, SCENE_SIZES)))
+    if cfg.render_size is not None and not cfg.random_crop:
+        raise ValueError("data.render_size is set but data.random_crop is false: scenes are never resized; "
+                         "set random_crop: true (image_size windows of the renders) or drop render_size")
+    if cfg.random_crop and cfg.image_size > cfg.render_size:
+        raise ValueError(f"data.image_size={cfg.image_size} is larger than data.render_size={cfg.render_size}: "
+                         "random crops are windows of the render")
     return SceneDataset(split, seed=cfg.scene_seed, num_scenes=cfg.num_scenes, image_size=cfg.image_size,
-                        random_flip=cfg.random_flip)
+                        random_flip=cfg.random_flip, render_size=cfg.render_size, random_crop=cfg.random_crop,
+                        crop_seed=seed)
 
 
 def _whole_set_split(cfg: DataConfig) -> None:

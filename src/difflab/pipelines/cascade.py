@@ -174,9 +174,9 @@ def check_chain(stages: list[Stage], label: Any) -> None:
         if low != pm.in_channels:
             raise ValueError(f"{st.name} takes {low}-channel low-res images but {prev.name} makes "
                              f"{pm.in_channels}-channel images")
-        if d.low_res_size != pd.image_size:
-            raise ValueError(f"{st.name} takes {d.low_res_size}x{d.low_res_size} low-res images but {prev.name} "
-                             f"makes {pd.image_size}x{pd.image_size} images")
+        if d.sample_low_res_size != pd.sample_size:
+            raise ValueError(f"{st.name} takes {d.sample_low_res_size}x{d.sample_low_res_size} low-res images but "
+                             f"{prev.name} makes {pd.sample_size}x{pd.sample_size} images")
         prev_classes = getattr(pm, "num_classes", None)
         if classes is not None and prev_classes is not None and classes != prev_classes:
             raise ValueError(f"{st.name} has {classes} classes but {prev.name} has {prev_classes}")

@@ -221,6 +221,59 @@ def _run_sample_cascade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inpaint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inpaint",
+        help="fill in the black region of a mask on an image with a trained run (GLIDE inpainting)",
+        description="Draw N fillings of --image's region that --mask marks black (white = keep, black = fill in; "
+        "only 0 and 255; --invert-mask for the opposite) with RUN: an inpainting run (model.inpaint) by GLIDE's "
+        "rule, any diffusion run by replacement (docs/inpainting.md). Writes a PNG grid --out and/or --npz; with "
+        "neither, RUN/samples/inpaint_<rule>_<n>.png and .npz.",
+    )
+    _add_run_arguments(p)
+    p.add_argument("--image", required=True, metavar="FILE.png", help="the image, at the size of the run's "
+                   "samples (RGB for a 3-channel run, grey for a 1-channel one)")
+    p.add_argument("--mask", required=True, metavar="FILE.png", help="same size: white (255) = keep, black (0) = "
+                   "fill in; any other value is refused (GLIDE's mask, 1 = known)")
+    p.add_argument("--invert-mask", action="store_true", help="the mask's white is the region to fill in "
+                   "(diffusers' convention)")
+    p.add_argument("--rule", choices=["glide", "replace"], help="glide: an inpainting model told the known region, "
+                   "x0^ pasted each step; replace: any model, x_t's known region replaced by q(x_t | image) each "
+                   "step (default: glide for an inpainting run, else replace)")
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", help="a caption for a "
+                   "text-conditional run (repeatable; the samples cycle through them)")
+    p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file of captions, one a line")
+    p.add_argument("--n", type=int, help="number of fillings (default: the number of prompts, else sample.n)")
+    p.add_argument("--sampler", help="ancestral, ddim, ... (default: sample.sampler)")
+    p.add_argument("--steps", metavar="K", help="sampling steps (respacing; default: sample.steps)")
+    p.add_argument("--eta", type=float, metavar="E", help="DDIM eta (default: sample.eta)")
+    p.add_argument("--label", metavar="L|all", help="class label (class-conditional runs)")
+    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight w "
+                   "(default: sample.guidance_scale)")
+    p.add_argument("--seed", type=int, help="noise seed (default: sample.seed)")
+    p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast, or not")
+    p.add_argument("--out", metavar="FILE.png", help="write the results as a PNG grid here (never overwritten)")
+    p.add_argument("--npz", metavar="FILE.npz", help="write the results (uint8 NHWC) here")
+    p.set_defaults(func=_run_inpaint)
+
+
+def _run_inpaint(args: argparse.Namespace) -> int:
+    from difflab.pipelines.inpaint import inpaint_run
+
+    steps = args.steps
+    if steps is not None and steps.strip().isdigit():
+        steps = int(steps)
+    written = inpaint_run(args.run, args.image, args.mask, prompts=_prompts(args), n=args.n, sampler=args.sampler,
+                          steps=steps, eta=args.eta, label=args.label, seed=args.seed, batch=args.batch,
+                          guidance_scale=args.guidance, rule=args.rule, invert_mask=args.invert_mask, out=args.out,
+                          npz=args.npz, ema=args.ema, checkpoint=args.checkpoint, bf16=args.bf16,
+                          progress=not args.quiet)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def _add_nll(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "nll",
@@ -310,7 +363,8 @@ def _run_gather(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_train, _add_sample, _add_nll, _add_info, _add_convert, _add_eval, _add_data, _add_gather]
+_SUBCOMMANDS = [_add_train, _add_sample, _add_inpaint, _add_nll, _add_info, _add_convert, _add_eval, _add_data,
+                _add_gather]
 
 
 class _Parser(argparse.ArgumentParser):

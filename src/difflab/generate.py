@@ -166,6 +166,9 @@ def draw_samples(
     low_res_noised: bool = False,
     truncate_at: int = 0,
     prompts=None,
+    inpaint_image: torch.Tensor | None = None,
+    inpaint_mask: torch.Tensor | None = None,
+    inpaint_rule: str | None = None,
     distributed: bool = True,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -193,6 +196,12 @@ def draw_samples(
     a chain truncated at s). ``truncate_at`` = s > 0 stops this model's own chain at level s instead of
     x_0 (:func:`difflab.augment.sample_truncated`; ancestral and ddim), for a next stage's truncated
     conditioning.
+
+    Inpainting (:mod:`difflab.inpaint`, docs/inpainting.md): ``inpaint_image`` [n or 1, C, S, S] in [-1, 1] and
+    ``inpaint_mask`` [n or 1, 1, S, S] of 0 / 1 (1 = known) keep the known region by ``inpaint_rule``:
+    ``"glide"`` (an inpainting model, ``model.inpaint``: the inputs go to the network and x0^ is pasted,
+    GLIDE's notebook) or ``"replace"`` (any model: x_t's known region replaced by q(x_t | image) before each
+    network call, the image pasted into the final x_0); None picks ``"glide"`` for an inpainting model.
     """
     sc = cfg.sample
     guidance_scale = sc.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -238,6 +247,13 @@ def draw_samples(
                        null_cond=text.null if text is not None else None)
     side = condition.out_side if condition.low_res is not None else cfg.data.sample_size
     shape = (cfg.model.in_channels, side, side)
+    known = None
+    if inpaint_image is not None or inpaint_mask is not None or inpaint_rule is not None:
+        from difflab.inpaint import InpaintCondition
+
+        if truncate_at:
+            raise ValueError("inpainting draws whole chains: truncate_at must be 0")
+        known = InpaintCondition(cfg, inpaint_image, inpaint_mask, inpaint_rule, n, shape)
     rank, world = (dist_utils.get_rank(), dist_utils.get_world_size()) if distributed else (0, 1)
     mine = []
     for k in range(rank, -(-n // batch), world):
@@ -248,8 +264,16 @@ def draw_samples(
         model_kwargs.update(condition.kwargs(lo, hi, g, device))
         if text is not None:
             model_kwargs.update(text.kwargs(lo, hi, device))
+        batch_denoiser, batch_kwargs = denoiser, kwargs
+        if known is not None:  # the known region: network inputs, a denoised_fn or a wrapper (difflab.inpaint)
+            model_kwargs.update(known.model_kwargs(lo, hi, device))
+            batch_denoiser = known.wrap(denoiser, lo, hi, _batch_seed(seed, k), device)
+            batch_kwargs = {**kwargs, **known.sampler_kwargs(lo, hi, device)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = fn(denoiser, x_T, generator=g, model_kwargs=model_kwargs or None, progress=progress, **kwargs)
+            x = fn(batch_denoiser, x_T, generator=g, model_kwargs=model_kwargs or None, progress=progress,
+                   **batch_kwargs)
+        if known is not None:
+            x = known.finish(x, lo, hi)
         mine.append((k, x.float().cpu()))
     return _gather(mine, n, shape, world), labels
 
@@ -456,14 +480,14 @@ def sample_cascade_file(path, *, n: int | None = None, seed: int | None = None, 
 
 def check_output_files(**files) -> None:
     """Refuse output files that cannot be written or would overwrite something, before any sampling:
-    ``grid=`` must name a ``.png``, ``npz=`` an ``.npz``; neither may exist, be a folder, or lie in a
-    "folder" that is a file. ValueError in one line, naming the option."""
+    ``grid=`` (or ``out=``, ``difflab inpaint``) must name a ``.png``, ``npz=`` an ``.npz``; neither may exist,
+    be a folder, or lie in a "folder" that is a file. ValueError in one line, naming the option."""
     from pathlib import Path
 
     for option, file in files.items():
         if file is None:
             continue
-        path, suffix, flag = Path(file), ".png" if option == "grid" else f".{option}", f"--{option}"
+        path, suffix, flag = Path(file), ".png" if option in ("grid", "out") else f".{option}", f"--{option}"
         if path.is_dir():
             raise ValueError(f"{flag} {path} is a folder; name a {suffix} file (e.g. {path / ('samples' + suffix)})")
         if path.suffix.lower() != suffix:

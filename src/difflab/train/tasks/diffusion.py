@@ -56,6 +56,9 @@ class DiffusionTask(Task):
             self.generator_names = (*self.generator_names, "augment")
             self.device_generators = (*self.device_generators, "augment")
             self.augment_process = Process.named(self.augment.schedule, self.augment.steps)
+        self.inpaint = bool(getattr(cfg.model, "inpaint", False))
+        if self.inpaint:  # GLIDE inpainting: one random mask per example (difflab.inpaint.random_mask)
+            self.generator_names = (*self.generator_names, "inpaint")
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg)
@@ -79,6 +82,10 @@ class DiffusionTask(Task):
             out["drop"] = torch.rand(batch_size, generator=generators["labels"]) < self.cfg.diffusion.p_uncond
         if self.augment.kind != "none":
             out.update(self._augment_draws(batch_size, batch["low_res"].shape[1:], generators["augment"]))
+        if self.inpaint:  # each mask a pure function of its seed; the seeds from a checkpointed generator
+            from difflab.inpaint import mask_seeds, random_masks
+
+            out["inpaint_mask"] = random_masks(mask_seeds(batch_size, generators["inpaint"]), batch["x0"].shape[-1])
         return out
 
     def _augment_draws(self, batch_size: int, shape, g: torch.Generator) -> dict[str, Tensor]:
@@ -109,6 +116,9 @@ class DiffusionTask(Task):
             out["tokens"], out["mask"] = self.tokens(captions, batch["x0"].device)
         if getattr(self.cfg.model, "low_res_channels", 0):
             out.update(self.low_res_kwargs(batch["low_res"], draws))
+        if self.inpaint:  # GLIDE: the known pixels and the mask (1 = known); the loss stays over the whole image
+            mask = draws["inpaint_mask"].to(batch["x0"].dtype)
+            out["inpaint_image"], out["inpaint_mask"] = batch["x0"] * mask, mask
         return out
 
     def tokens(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -169,14 +179,19 @@ class DiffusionTask(Task):
         from difflab.generate import draw_samples
         from difflab.images import save_grid, to_uint8
 
-        n, low_res, prompts = GRID_IMAGES, None, None
-        if getattr(self.cfg.model, "low_res_channels", 0) or self.cfg.is_text:
+        n, low_res, prompts, known = GRID_IMAGES, None, None, {}
+        if getattr(self.cfg.model, "low_res_channels", 0) or self.cfg.is_text or self.inpaint:
             first = trainer.source.batch(0)  # a super-resolution stage / text model: the first batch's inputs
             low_res = first["low_res"][:GRID_IMAGES] if "low_res" in first else None
             prompts = list(first["caption"][:GRID_IMAGES]) if self.cfg.is_text else None
             n = min(GRID_IMAGES, len(first["x0"]))
+            side = self.cfg.data.image_size if low_res is not None else self.cfg.data.sample_size
+            if self.inpaint and first["x0"].shape[-1] == side:  # inpaint the first images under masks of seeds 0..n-1
+                from difflab.inpaint import random_masks
+
+                known = {"inpaint_image": first["x0"][:n], "inpaint_mask": random_masks(range(n), side)}
         x, _ = draw_samples(build_denoiser(self.cfg, net), self.cfg, n=n, low_res=low_res, prompts=prompts,
-                            distributed=False, progress=False)
+                            distributed=False, progress=False, **known)
         path = trainer.run_dir / "samples" / f"step_{trainer.step:07d}.png"
         save_grid(to_uint8(x, self.cfg.data), path)
         return path

@@ -59,18 +59,23 @@ def build_model(cfg: Config) -> nn.Module:
 def build_tokenizer(cfg: Config):
     """The tokenizer of a text-conditional run (``cfg.text``): ``vocab: scenes`` is the miniature vocabulary of
     the captioned MNIST scenes (:data:`difflab.data.scenes.SCENE_WORDS`), anything else a path."""
+    return build_text_tokenizer(cfg.text, cfg.model.text.n_vocab, "model.text.n_vocab")
+
+
+def build_text_tokenizer(text, n_vocab: int, field: str):
+    """The tokenizer a :class:`~difflab.config.TextConfig` names, checked to fit an embedding of ``n_vocab``
+    rows (``field`` names that setting in the error)."""
     from difflab.text import MiniatureTokenizer, load_tokenizer
 
-    if cfg.text.vocab == "scenes":
+    if text.vocab == "scenes":
         from difflab.data.scenes import SCENE_WORDS
 
         tokenizer = MiniatureTokenizer(SCENE_WORDS)
     else:
-        tokenizer = load_tokenizer(cfg.text.tokenizer, cfg.text.vocab)
-    n_vocab = cfg.model.text.n_vocab
+        tokenizer = load_tokenizer(text.tokenizer, text.vocab)
     if tokenizer.n_vocab > n_vocab:
-        raise ValueError(f"the {cfg.text.tokenizer} tokenizer ({cfg.text.vocab}) has {tokenizer.n_vocab} ids but "
-                         f"model.text.n_vocab is {n_vocab}: set model.text.n_vocab >= {tokenizer.n_vocab}")
+        raise ValueError(f"the {text.tokenizer} tokenizer ({text.vocab}) has {tokenizer.n_vocab} ids but "
+                         f"{field} is {n_vocab}: set {field} >= {tokenizer.n_vocab}")
     return tokenizer
 
 
@@ -112,6 +117,9 @@ def load_run_config(run_dir: str | os.PathLike, *, any_task: bool = False) -> Co
         if task == "classifier":
             raise ValueError(f"{run} is a noisy-classifier run (task: classifier): guide a diffusion run with it, "
                              f"e.g. difflab sample RUN --classifier {run} --classifier-scale S")
+        if task == "noised_clip":
+            raise ValueError(f"{run} is a noised-CLIP run (task: noised_clip): guide a text run with it, e.g. "
+                             f"difflab sample RUN --prompt TEXT --clip {run} --clip-scale S")
         raise ValueError(f"{run} is a {task} run (task: {task}), not a diffusion model: it has nothing to sample "
                          "or score; its outputs are in the run folder (docs/training.md)")
     return cfg

@@ -15,7 +15,8 @@ Classifier guidance, two uses of the same gradient g = s grad log p(y | x_t) (ta
 :class:`ClassifierGuidance` wraps any denoiser so that every sampler is guided without a
 ``cond_fn`` argument: its ``PMeanVar.mean`` is the Alg. 1 mean (read by ancestral samplers) and
 its ``pred_xstart`` / ``eps`` are the Alg. 2 ones (read by DDIM and ODE samplers). One gradient
-per call serves both.
+per call serves both. GLIDE's CLIP guidance is this wrapper with a noised CLIP's ``cond_fn``
+(:mod:`difflab.clip_guidance`).
 
 :class:`ClassifierFreeGuidance` wraps a class-conditional *network*: one batched forward over
 [x; x] with labels [y; null], the mean channels combined as (1 + w) c - w u and the variance
@@ -279,6 +280,9 @@ class ClassifierGuidance:
         info: what the classifier was trained on (default: ``classifier.diffusion_info``), checked
             against the model's process and image size; a classifier without it is used unchecked
             (with a warning).
+        original_t: hand ``cond_fn`` the original step index ``timestep_map[t]`` (int64) even where the
+            network sees rescaled float steps: a noised CLIP looks its step up in a table (GLIDE's w_t;
+            :mod:`difflab.clip_guidance`). False: the network's t (:func:`network_t`, as guided-diffusion).
     """
 
     def __init__(
@@ -290,6 +294,7 @@ class ClassifierGuidance:
         cond_fn: CondFn | None = None,
         conditional_model: bool | None = None,
         info: ClassifierInfo | None = None,
+        original_t: bool = False,
         _checked: bool = False,
     ):
         if (classifier is None) == (cond_fn is None):
@@ -304,6 +309,7 @@ class ClassifierGuidance:
             raise ValueError(f"the classifier scale s must be a finite number, got {scale!r}")
         self.denoiser = denoiser
         self.classifier = classifier
+        self.original_t = bool(original_t)
         self.info = info if info is not None else getattr(classifier, "diffusion_info", None)
         known, model_classes = _net_num_classes(denoiser)
         if conditional_model is None and known:
@@ -356,7 +362,8 @@ class ClassifierGuidance:
             return self
         inner = self.denoiser.respace(spec)
         out = ClassifierGuidance(inner, self.classifier, self.scale, cond_fn=None if self.classifier else self.cond_fn,
-                                 conditional_model=self.conditional_model, info=self.info, _checked=True)
+                                 conditional_model=self.conditional_model, info=self.info,
+                                 original_t=self.original_t, _checked=True)
         if self.info is not None:
             self.info.check_fits(inner.process)
         return out
@@ -395,7 +402,8 @@ class ClassifierGuidance:
         p = self.denoiser(x_t, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, **self._model_cond(cond))
         if self.scale == 0.0 and self.classifier is not None:
             return p
-        gradient = self.cond_fn(x_t, network_t(self.denoiser, t), **cond)
+        cond_t = self.process.original_t(t) if self.original_t else network_t(self.denoiser, t)
+        gradient = self.cond_fn(x_t, cond_t, **cond)
         guided = shift_score(self.process, p, x_t, t, gradient)
         return guided._replace(mean=shift_mean(p, gradient).mean)
 

@@ -18,7 +18,7 @@ from difflab.nn.presets import (
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-NOT_YET = ("glide/clip-", "karlo/")  # GLIDE's noised CLIP, Karlo's prior / decoder / CLIP: the GLIDE and unCLIP issues
+NOT_YET = ("karlo/",)  # Karlo's prior / decoder / CLIP: the unCLIP issue
 
 
 def released(fixtures_dir):

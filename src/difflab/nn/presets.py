@@ -24,6 +24,9 @@ parameter counts equal the published ones (tests/nn/test_presets.py checks again
     glide/base-inpaint                             385,037,638     GLIDE inpainting (7 input channels)
     glide/upsample                                 398,361,286     GLIDE upsampler 64 -> 256 (text)
     glide/upsample-inpaint                         398,368,198     GLIDE upsampler + inpainting (10 inputs)
+    glide/clip-image-enc                            86,443,776     GLIDE's noised CLIP, image tower (clip/image-enc)
+    glide/clip-text-enc                             71,679,488     GLIDE's noised CLIP, text tower (clip/text-enc)
+    glide/clip                                     158,123,265     both towers + logit_scale (what guidance loads)
     ddpm-cifar10                                    35,746,307     DDPM (Ho et al.) in this architecture
     mnist-tiny                                         176,849     tests (8x8 .. 32x32, 1 channel)
     mnist-small                                      1,921,601     10-minute CPU training at 32x32
@@ -36,6 +39,7 @@ from typing import Any
 from torch import nn
 
 from difflab.nn.classifier import Classifier, ClassifierConfig
+from difflab.nn.clip import NoisedCLIPConfig, build_noised_clip
 from difflab.nn.text import TextEncoderConfig
 from difflab.nn.text_unet import TextUNet, TextUNetConfig
 from difflab.nn.unet import UNet, UNetConfig
@@ -72,6 +76,11 @@ _GLIDE = dict(
     xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True, use_scale_shift_norm=True, resblock_updown=True,
     use_fp16=True, cache_text_emb=False, inpaint=False, super_res=False)
 _GLIDE_UP = dict(_GLIDE, image_size=256, num_res_blocks=2, super_res=True)
+# glide_text2im/clip/config.yaml: the noised CLIP (64px ViT, patch 4, 12 x 64 wide; causal text 8 x 64, 77 tokens)
+_GLIDE_CLIP = dict(
+    logit_scale=100.0, beta_schedule="squaredcos_cap_v2", n_timesteps=1000, image_size=64, patch_size=4,
+    n_vocab=65536, max_text_len=77, n_embd=512, n_head_state_text=64, n_head_text=8, n_xf_blocks_text=12,
+    n_head_state_image=64, n_head_image=12, n_xf_blocks_image=12)
 RELEASED_FLAGS: dict[str, dict[str, Any]] = {
     "guided-diffusion/64x64_diffusion": dict(
         _ADM, class_cond=True, dropout=0.1, image_size=64, num_channels=192, num_head_channels=64,
@@ -111,6 +120,9 @@ RELEASED_FLAGS: dict[str, dict[str, Any]] = {
     "glide/base-inpaint": dict(_GLIDE, inpaint=True),
     "glide/upsample": _GLIDE_UP,
     "glide/upsample-inpaint": dict(_GLIDE_UP, inpaint=True),
+    # glide_text2im/clip/config.yaml; the two released files hold one tower each
+    "glide/clip-image-enc": dict(_GLIDE_CLIP, checkpoint="clip/image-enc"),
+    "glide/clip-text-enc": dict(_GLIDE_CLIP, checkpoint="clip/text-enc"),
 }
 
 # Defaults of the official flag parsers (model_and_diffusion_defaults / classifier_defaults).
@@ -185,6 +197,30 @@ def _glide_config(flags: dict[str, Any]) -> TextUNetConfig:
     )
 
 
+# official beta_schedule names -> difflab's (glide_text2im's get_named_beta_schedule)
+_BETA_SCHEDULES = {"squaredcos_cap_v2": "cosine", "linear": "linear"}
+# the released noised-CLIP checkpoint each tower comes from (flag "checkpoint"; none: both towers)
+_CLIP_CHECKPOINTS = {"clip/image-enc": "image", "clip/text-enc": "text"}
+
+
+def _glide_clip_config(flags: dict[str, Any]) -> NoisedCLIPConfig:
+    """glide_text2im.clip.model_creation.create_clip_model's config (the keys of clip/config.yaml; missing keys
+    take the released values), for both towers or, with ``checkpoint``, the one that file holds."""
+    f = {**_GLIDE_CLIP, **flags}
+    schedule, checkpoint = f.pop("beta_schedule"), f.pop("checkpoint", None)
+    if schedule not in _BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule={schedule!r} is invalid; valid: {', '.join(_BETA_SCHEDULES)}")
+    if checkpoint is not None and checkpoint not in _CLIP_CHECKPOINTS:
+        raise ValueError(f"checkpoint={checkpoint!r} is invalid; valid: {', '.join(_CLIP_CHECKPOINTS)}")
+    unknown = sorted(set(f) - set(_GLIDE_CLIP) - {"beta_schedule"})
+    if unknown:
+        raise ValueError(f"unknown noised-CLIP flag(s) {unknown}; valid: {', '.join(_GLIDE_CLIP)}, checkpoint")
+    cfg = NoisedCLIPConfig(**f, beta_schedule=_BETA_SCHEDULES[schedule],
+                           encoders=_CLIP_CHECKPOINTS.get(checkpoint, "both"))
+    cfg.validate()
+    return cfg
+
+
 def config_from_official_flags(flags: dict[str, Any], family: str) -> UNetConfig | ClassifierConfig:
     """Turn the official script flags into a difflab config, following the official create_* rules.
 
@@ -193,12 +229,15 @@ def config_from_official_flags(flags: dict[str, Any], family: str) -> UNetConfig
             ``class_cond``, ...); missing flags take the repository's defaults.
         family: ``"improved-diffusion"``, ``"guided-diffusion"`` (model), ``"guided-diffusion-classifier"``,
             ``"guided-diffusion-sr"`` (SuperResModel; flags ``large_size``/``small_size``) or ``"glide"``
-            (glide-text2im's model flags, ``inpaint`` / ``super_res``; a :class:`TextUNetConfig`).
+            (glide-text2im's model flags, ``inpaint`` / ``super_res``; a :class:`TextUNetConfig`) or
+            ``"glide-clip"`` (clip/config.yaml's keys, ``checkpoint`` naming one tower; a :class:`NoisedCLIPConfig`).
     """
     families = ("improved-diffusion", "guided-diffusion", "guided-diffusion-classifier", "guided-diffusion-sr",
-                "glide")
+                "glide", "glide-clip")
     if family not in families:
         raise ValueError(f"family={family!r} is invalid; valid: {', '.join(families)}")
+    if family == "glide-clip":
+        return _glide_clip_config(flags)
     if family == "glide":
         return _glide_config(flags)
     if family == "guided-diffusion-classifier":
@@ -308,6 +347,8 @@ def config_from_official_kwargs(class_name: str, kwargs: dict[str, Any]) -> UNet
 def family_of(name: str) -> str:
     """The official family of a released preset name (see ``config_from_official_flags``)."""
     repo, _, what = name.partition("/")
+    if repo == "glide" and what.startswith("clip"):
+        return "glide-clip"
     if repo == "guided-diffusion":
         if "classifier" in what:
             return "guided-diffusion-classifier"
@@ -334,6 +375,9 @@ PRESETS.update({
     "mnist-small": UNetConfig(
         in_channels=1, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(4,),
         num_head_channels=32, dropout=0.1, use_scale_shift_norm=True, resblock_updown=True, image_size=32),
+    # GLIDE's noised CLIP with both towers: what `difflab convert IMAGE_ENC.pt TEXT_ENC.pt --preset glide/clip`
+    # writes and CLIP guidance loads
+    "glide/clip": config_from_official_flags({}, "glide-clip"),
 })
 
 
@@ -345,12 +389,14 @@ def get_preset(name: str) -> UNetConfig | ClassifierConfig:
 
 
 def build_network(config: UNetConfig | ClassifierConfig) -> nn.Module:
-    """``UNet``, ``TextUNet`` or ``Classifier`` for a config (call under ``torch.device('meta')`` to allocate
-    nothing)."""
+    """``UNet``, ``TextUNet``, ``Classifier`` or a noised CLIP (:func:`difflab.nn.clip.build_noised_clip`) for a
+    config (call under ``torch.device('meta')`` to allocate nothing)."""
+    if isinstance(config, NoisedCLIPConfig):
+        return build_noised_clip(config)
     if isinstance(config, ClassifierConfig):
         return Classifier(config)
     if isinstance(config, TextUNetConfig):
         return TextUNet(config)
     if isinstance(config, UNetConfig):
         return UNet(config)
-    raise ValueError(f"config must be a UNetConfig or ClassifierConfig, got {type(config).__name__}")
+    raise ValueError(f"config must be a UNetConfig, ClassifierConfig or NoisedCLIPConfig, got {type(config).__name__}")

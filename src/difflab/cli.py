@@ -27,13 +27,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", required=True, metavar="NAME",
                    help="network preset, e.g. guided-diffusion/256x256_diffusion (see docs/networks.md)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--vocab", metavar="DIR", help="GLIDE U-Nets: the GPT-2 BPE folder (glide-text2im's "
+                   "glide_text2im/tokenizer; default: that of an installed glide_text2im), copied into DIR/tokenizer")
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from difflab.convert import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.preset, args.out)
+    out = convert_checkpoint(args.src, args.preset, args.out, vocab=args.vocab)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.yaml'}")
     return 0
 
@@ -108,6 +110,11 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _steps_arg(text: str) -> int | str:
+    """``--steps``: an int K, or a respacing rule kept as text (checked against T when sampling)."""
+    return int(text) if text.strip().isdigit() else text
+
+
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     from difflab.eval.report import add_reference_arguments
 
@@ -122,7 +129,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", "--num-samples", dest="n", type=int,
                    help="number of images (default: sample.n); under torchrun spell it --num-samples")
     p.add_argument("--sampler", help="ancestral, ddim, ... (difflab.samplers.SAMPLERS; default: sample.sampler)")
-    p.add_argument("--steps", type=int, metavar="K", help="sampling steps (respacing; default: sample.steps)")
+    p.add_argument("--steps", type=_steps_arg, metavar="K",
+                   help="sampling steps: K, or a respacing rule such as ddim50, 10,10,3 or fast27 "
+                   "(default: sample.steps)")
     p.add_argument("--eta", type=float, metavar="E", help="DDIM eta (default: sample.eta)")
     p.add_argument("--label", metavar="L|all", help="class label of every image, or 'all' for labels cycling "
                    "0..K-1 (class-conditional runs or with --classifier; default: all)")

@@ -538,8 +538,9 @@ class SampleConfig:
 
     # a name of difflab.samplers.SAMPLERS
     sampler: Literal["ancestral", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"] = "ancestral"
-    # network evaluations via respacing; null = all T steps
-    steps: int | None = None
+    # network evaluations via respacing: K, or a respacing rule ("100", "ddim50", "10,10,3", GLIDE's upsampler
+    # "fast27"; difflab.schedules.space_timesteps); null = all T steps
+    steps: int | str | None = None
     # DDIM: 0 = deterministic, 1 = ancestral-like noise
     eta: float = 0.0
     # number of images to draw
@@ -567,7 +568,18 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _normalise(self)
-        _require(self, self.steps is None or self.steps >= 1, "steps", "must be null or >= 1")
+        _require(self, not isinstance(self.steps, int) or self.steps >= 1, "steps", "must be null or >= 1")
+        if isinstance(self.steps, str):
+            from difflab.schedules import space_timesteps
+
+            try:  # the rule's form (its fit to diffusion.steps is checked where both are known)
+                space_timesteps(10_000, self.steps)
+            except ValueError as e:
+                raise ConfigError(("steps",), str(e)) from None
+        _require(self, 0 < self.temperature <= 2 and self.temperature == self.temperature, "temperature",
+                 "must be in (0, 2]")
+    # x_T ~ N(0, temperature^2 I): GLIDE's upsampler notebook draws its start at 0.997 (upsample_temp); 1 = the model
+    temperature: float = 1.0
         _require(self, self.eta >= 0, "eta", "must be >= 0")
         _require(self, self.n >= 1, "n", "must be >= 1")
         _require(self, self.batch >= 1, "batch", "must be >= 1")
@@ -601,13 +613,13 @@ class Config:
         if isinstance(self.model, Mapping):
             object.__setattr__(self, "model", resolve_model_section(self.model))
         _normalise(self)
-        if self.is_text and not self.data.captions:
+        if self.is_text and not self.data.captions and self.data.source != "none":
             raise ConfigError(("data", "captions"), "a text-conditional model (model.text) trains on captions: "
                                                     "set data.captions: true")
         if self.diffusion.p_uncond > 0 and not (self.data.class_cond or self.is_text):
             raise ConfigError(("diffusion", "p_uncond"), "label dropout needs data.class_cond: true (or caption "
                                                          "dropout a text-conditional model.text)")
-        if self.sample.steps is not None and self.sample.steps > self.diffusion.steps:
+        if isinstance(self.sample.steps, int) and self.sample.steps > self.diffusion.steps:
             raise ConfigError(
                 ("sample", "steps"), f"must be <= diffusion.steps={self.diffusion.steps}",
             )
@@ -615,6 +627,13 @@ class Config:
         rate = self.sample.ema_rate
         if rate is not None and rate not in self.train.ema_rates:
             rates = list(self.train.ema_rates)
+        if isinstance(self.sample.steps, str):
+            from difflab.schedules import space_timesteps
+
+            try:
+                space_timesteps(self.diffusion.steps, self.sample.steps)
+            except ValueError as e:
+                raise ConfigError(("sample", "steps"), f"{e} (diffusion.steps={self.diffusion.steps})") from None
             raise ConfigError(("sample", "ema_rate"), f"must be one of train.ema_rates {rates}; got {rate}")
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "is_converted_folder",
     "converted_classifier",
     "converted_run_config",
+    "glide_vocab_folder",
 ]
 
 # Official key prefix -> difflab key prefix. improved-/guided-diffusion keys are difflab keys as they are;
@@ -74,6 +75,9 @@ _MAX_LISTED = 12
 _GUIDED = {"rescale_timesteps": False, "rescale_learned_sigmas": False}
 _GUIDED_LINEAR = {"steps": 1000, "schedule": "linear", **_GUIDED}
 _IMPROVED = {"steps": 4000, "schedule": "cosine", "rescale_timesteps": True, "rescale_learned_sigmas": True}
+_GLIDE_BASE = {"steps": 1000, "schedule": "cosine", **_GUIDED, "p_uncond": 0.2}
+_GLIDE_UP = {**_GUIDED_LINEAR, "low_res_ratio": 4}  # 64 -> 256: takes image_size / 4
+_FAST27 = {"steps": "fast27", "temperature": 0.997}
 OFFICIAL_DIFFUSION: dict[str, dict[str, Any]] = {
     "guided-diffusion/64x64_diffusion": {"steps": 1000, "schedule": "cosine", **_GUIDED},
     "guided-diffusion/128x128_diffusion": _GUIDED_LINEAR,
@@ -87,7 +91,20 @@ OFFICIAL_DIFFUSION: dict[str, dict[str, Any]] = {
     "improved-diffusion/imagenet64_uncond_100M_1500K": _IMPROVED,
     "improved-diffusion/imagenet64_cond_270M_250K": {**_IMPROVED, "rescale_timesteps": False,
                                                      "rescale_learned_sigmas": False},
+    # glide-text2im's model_creation.py: T = 1000, squaredcos_cap_v2 for the base models, linear for the
+    # upsamplers; the network sees the original step (SpacedDiffusion) and no rescaling. The base was fine-tuned
+    # with 20% of its captions dropped (GLIDE Sec. 4), so it guides without a classifier. "sample" is what the
+    # notebooks draw with (text2im.ipynb, inpaint.ipynb): the base p_sample_loop over 100 respaced steps at
+    # guidance scale 3 (5 inpainting; GLIDE's s = 1 + w, so difflab's w = 2 / 4, on the eps channels), the
+    # upsampler over "fast27" from x_T * upsample_temp 0.997 with the base's samples quantised to uint8 levels,
+    # by ddim_sample_loop (eta 0) in text2im and p_sample_loop in inpaint.
+    "glide/base": {**_GLIDE_BASE, "sample": {"sampler": "ancestral", "steps": 100, "guidance_scale": 2.0}},
+    "glide/base-inpaint": {**_GLIDE_BASE, "sample": {"sampler": "ancestral", "steps": 100, "guidance_scale": 4.0}},
+    "glide/upsample": {**_GLIDE_UP, "sample": {"sampler": "ddim", "eta": 0.0, **_FAST27}},
+    "glide/upsample-inpaint": {**_GLIDE_UP, "sample": {"sampler": "ancestral", **_FAST27}},
 }
+# The tokenizer files a converted GLIDE folder keeps (copied from the user's glide-text2im at conversion)
+GLIDE_VOCAB_FILES = ("encoder.json", "vocab.bpe")
 # The released noisy classifiers guide the diffusion model of the same size (guided-diffusion's README pairs
 # each classifier with it), so they see that model's noise levels: T = 1000, cosine at 64x64, linear otherwise.
 OFFICIAL_CLASSIFIER_DIFFUSION: dict[str, dict[str, Any]] = {
@@ -274,10 +291,43 @@ def save_converted(
     return out
 
 
+def glide_vocab_folder(vocab: str | os.PathLike | None) -> Path:
+    """The folder with GLIDE's GPT-2 BPE files (``encoder.json`` and ``vocab.bpe``, either gzipped): ``vocab``,
+    or the ``tokenizer`` folder of an installed ``glide_text2im``. Checked by loading it (50,257 ids)."""
+    from difflab.text.gpt2_bpe import GPT2Tokenizer
+
+    if vocab is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("glide_text2im")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("a GLIDE text U-Net needs its tokenizer: --vocab FOLDER (glide-text2im's "
+                             "glide_text2im/tokenizer, holding encoder.json.gz and vocab.bpe.gz)")
+        vocab = Path(next(iter(spec.submodule_search_locations))) / "tokenizer"
+    folder = Path(vocab)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--vocab: not a folder: {folder}")
+    n = GPT2Tokenizer(folder).n_vocab
+    if n != 50257:
+        raise ValueError(f"--vocab {folder}: a GPT-2 BPE of {n} ids; GLIDE's has 50,257")
+    return folder
+
+
+def _copy_vocab(folder: Path, out: Path) -> None:
+    """GLIDE's tokenizer files into ``out/tokenizer`` (gzipped or not, as found), each written atomically."""
+    dest = out / "tokenizer"
+    dest.mkdir()
+    for name in GLIDE_VOCAB_FILES:
+        src = next(p for p in (folder / name, folder / (name + ".gz")) if p.is_file())
+        data = src.read_bytes()
+        atomic_write_with(dest / src.name, lambda p, data=data: p.write_bytes(data))
+
+
 def convert_checkpoint(
     pt_path: str | os.PathLike,
     preset_or_config: str | UNetConfig | ClassifierConfig,
     out_dir: str | os.PathLike,
+    vocab: str | os.PathLike | None = None,
 ) -> Path:
     """Convert an official ``.pt`` state dict into a difflab checkpoint folder.
 
@@ -285,6 +335,8 @@ def convert_checkpoint(
         pt_path: the official checkpoint (a plain state dict saved with ``torch.save``).
         preset_or_config: a preset name of ``difflab.nn.presets`` or a config.
         out_dir: the folder to write ``model.safetensors`` and ``config.yaml`` into.
+        vocab: a GLIDE text U-Net's tokenizer folder (:func:`glide_vocab_folder`; default: the installed
+            glide-text2im's), copied into ``out_dir/tokenizer``.
     Returns:
         ``out_dir`` as a Path.
     Raises:
@@ -296,6 +348,10 @@ def convert_checkpoint(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     require_new_folder(out_dir, "--out")  # before minutes of reading a large checkpoint
     config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    text = isinstance(config, TextUNetConfig)
+    if vocab is not None and not text:
+        raise ValueError("--vocab: only for a GLIDE text U-Net (presets glide/...)")
+    vocab_folder = glide_vocab_folder(vocab) if text else None
     sd = load_weights_only(path, what="official checkpoint")
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of key -> tensor)")
@@ -305,7 +361,10 @@ def convert_checkpoint(
     meta = {"source": path.name, "format": "pt"}
     if isinstance(preset_or_config, str):
         meta["preset"] = preset_or_config
-    return save_converted(mapped, config, out_dir, metadata=meta)
+    out = save_converted(mapped, config, out_dir, metadata=meta)
+    if vocab_folder is not None:
+        _copy_vocab(vocab_folder, out)
+    return out
 
 
 def converted_network_config(out_dir: str | os.PathLike) -> UNetConfig | ClassifierConfig:
@@ -375,7 +434,7 @@ def converted_run_config(folder: str | os.PathLike):
     Raises ValueError for a classifier, a folder converted without a known preset, or a network without
     an ``image_size``; FileNotFoundError for a missing file.
     """
-    from difflab.config import Config, DataConfig, DiffusionConfig, TrainConfig
+    from difflab.config import Config, DataConfig, DiffusionConfig, SampleConfig, TextConfig, TrainConfig
 
     out = Path(folder)
     net = converted_network_config(out)
@@ -388,16 +447,26 @@ def converted_run_config(folder: str | os.PathLike):
     if net.image_size is None:
         raise ValueError(f"{out}: the network config has no image_size to sample at")
     flags = OFFICIAL_DIFFUSION[preset]
+    text = isinstance(net, TextUNetConfig)
+    learned = net.learn_sigma
+    if text and not (out / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{out}: a converted GLIDE U-Net without its tokenizer folder (tokenizer/); "
+                                "convert it again with --vocab")
     diffusion = DiffusionConfig(
         steps=flags["steps"], schedule=flags["schedule"], mean_type="eps",
-        var_type="learned_range" if net.learn_sigma else "fixed_large",
-        loss_type="hybrid" if net.learn_sigma else "mse", rescale_timesteps=flags["rescale_timesteps"],
-        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
+        var_type="learned_range" if learned else "fixed_large",
+        loss_type="hybrid" if learned else "mse", rescale_timesteps=flags["rescale_timesteps"],
+        rescale_learned_sigmas=flags["rescale_learned_sigmas"], p_uncond=flags.get("p_uncond", 0.0),
     )
     from difflab.nn.presets import RELEASED_FLAGS
 
     # an upsampler takes its README's small_size images (guided-diffusion super_res_sample.py), no augmentation
-    low_res_size = RELEASED_FLAGS.get(preset, {}).get("small_size") if net.low_res_channels else None
+    low_res_size = RELEASED_FLAGS.get(preset, {}).get("small_size")
+    if "low_res_ratio" in flags:
+        low_res_size = net.image_size // flags["low_res_ratio"]
     data = DataConfig(source="none", image_size=net.image_size, channels=net.in_channels,
-                      class_cond=net.num_classes is not None, low_res_size=low_res_size)
-    return Config(model=net, diffusion=diffusion, data=data, train=TrainConfig(ema_rates=()))
+                      class_cond=net.num_classes is not None,
+                      low_res_size=low_res_size if net.low_res_channels else None)
+    extra = {"text": TextConfig(tokenizer="gpt2", vocab=str(out / "tokenizer"))} if text else {}
+    return Config(model=net, diffusion=diffusion, data=data, train=TrainConfig(ema_rates=()),
+                  sample=SampleConfig(**flags.get("sample", {})), **extra)

@@ -217,9 +217,7 @@ def draw_samples(
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     fn = get_sampler(name)
-    steps = sc.steps if steps is None else steps
-    if steps is not None and not 1 <= steps <= cfg.diffusion.steps:
-        raise ValueError(f"steps must be in [1, {cfg.diffusion.steps}] (diffusion.steps), got {steps}")
+    steps = _check_steps(sc.steps if steps is None else steps, cfg.diffusion.steps)
     kwargs = {} if sc.clip_denoised is None else {"clip_denoised": sc.clip_denoised}
     if steps is not None:
         kwargs["steps"] = steps
@@ -260,6 +258,8 @@ def draw_samples(
         lo, hi = k * batch, min(n, (k + 1) * batch)
         g = torch.Generator(device).manual_seed(_batch_seed(seed, k))
         x_T = torch.randn((hi - lo, *shape), generator=g, device=device)
+        if sc.temperature != 1:  # GLIDE's upsample_temp: the start only, never the steps' noise
+            x_T = x_T * sc.temperature
         model_kwargs = {"y": labels[lo:hi].to(device)} if labels is not None else {}
         model_kwargs.update(condition.kwargs(lo, hi, g, device))
         if text is not None:
@@ -276,6 +276,22 @@ def draw_samples(
             x = known.finish(x, lo, hi)
         mine.append((k, x.float().cpu()))
     return _gather(mine, n, shape, world), labels
+
+
+def _check_steps(steps: int | str | None, T: int) -> int | str | None:
+    """``steps``: K in [1, T] or a respacing rule that fits T ("100", "ddim50", "fast27", "10,10,3")."""
+    if steps is None:
+        return None
+    if isinstance(steps, str) and steps.strip().isdigit():
+        steps = int(steps)
+    if isinstance(steps, str):
+        from difflab.schedules import space_timesteps
+
+        space_timesteps(T, steps)  # its own error names the rule and the valid forms
+        return steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}] (diffusion.steps), got {steps}")
+    return steps
 
 
 class _LowRes:

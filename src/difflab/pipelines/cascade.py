@@ -5,8 +5,9 @@ A cascade is a composition of what exists: each stage is a run folder (``difflab
 ``difflab convert``) drawn with :func:`difflab.generate.draw_samples` (its own sampler, steps,
 guidance and level s), so there is no sampling loop here. Between stages:
 
-- **non-truncated** (default): the stage's x_0 goes to the next stage as images (uint8, as the
-  official upsamplers read their base model's ``.npz``), which noises it to z_s ~ q(z_s | z_0) at its
+- **non-truncated** (default): the stage's x_0 goes to the next stage as images (uint8 levels: truncated,
+  as guided-diffusion's upsamplers read their base model's ``.npz``; rounded to the nearest level for a
+  text stage, as GLIDE's notebooks hand the base's samples on), which noises it to z_s ~ q(z_s | z_0) at its
   ``aug_level`` s with its own batch generators;
 - **truncated** (``truncated: true`` on the next stage): this stage's chain stops at level s
   (:func:`difflab.augment.sample_truncated`) and its z_s is handed on unquantised (CDM's
@@ -14,7 +15,8 @@ guidance and level s), so there is no sampling loop here. Between stages:
   stage's augmentation process must be this stage's noise process.
 
 Stage k draws its noise from seed ``seed + k``: a cascade sampled in one command equals its stages
-sampled one by one (``difflab sample RUN --low-res PREVIOUS.npz --seed SEED+k``).
+sampled one by one (``difflab sample RUN --low-res PREVIOUS.npz --seed SEED+k``; for a text stage up to
+the half level between the ``.npz``'s truncation and GLIDE's rounding).
 
 A cascade file (YAML; ``difflab sample CASCADE.yaml``)::
 
@@ -52,8 +54,8 @@ class StageConfig:
     run: str
     # sampler name (difflab.samplers.SAMPLERS); a stage whose chain is truncated needs ancestral or ddim
     sampler: str | None = None
-    # sampling steps (respacing)
-    steps: int | None = None
+    # sampling steps: K or a respacing rule ("ddim50", "fast27")
+    steps: int | str | None = None
     # DDIM eta
     eta: float | None = None
     # classifier-free guidance weight w (a stage trained with label dropout)
@@ -220,14 +222,19 @@ def sample_cascade(cascade: CascadeConfig, stages: list[Stage] | None = None, *,
                                  prompts=prompts if st.cfg.is_text else None, distributed=distributed,
                                  progress=progress)
         out.append((x, labels))
-        # handed on as images (uint8, as the official upsamplers read them), or as z_s when truncated
-        low_res = x if truncate_at else _as_images(x)
+        # handed on as images (uint8 levels, as the official upsamplers read them), or as z_s when truncated
+        if nxt is not None:
+            low_res = x if truncate_at else _as_images(x, rounded=stages[k + 1].cfg.is_text)
     return out
 
 
-def _as_images(x: torch.Tensor) -> torch.Tensor:
-    """x in [-1, 1] through uint8 and back: what a stage's ``.npz`` holds."""
+def _as_images(x: torch.Tensor, rounded: bool = False) -> torch.Tensor:
+    """x in [-1, 1] through uint8 levels and back. Truncated to uint8, what a stage's ``.npz`` holds and
+    guided-diffusion's super_res_sample.py reads; ``rounded`` to the nearest level for a text stage, as
+    GLIDE's notebooks hand the base's samples to the upsampler (``((x + 1) * 127.5).round() / 127.5 - 1``)."""
     from difflab.data import float_to_uint8, uint8_to_float
 
+    if rounded:
+        return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
     u8 = float_to_uint8(x)
     return uint8_to_float(np.ascontiguousarray(u8))

@@ -158,3 +158,25 @@ def test_bad_masks_and_rules_are_one_line_errors():
         with pytest.raises(ValueError, match=needle):
             InpaintCondition(cfg, kw["image"], kw["mask"], kw["rule"], 3, (1, 8, 8))
     assert InpaintCondition(cfg, image, mask, None, 3, (1, 8, 8)).rule == "replace"  # a plain model's default
+
+
+def test_an_inpainting_upsampler_takes_the_low_res_image_and_the_known_region():
+    """GLIDE's upsample-inpaint: [x_t, image * mask, mask, up(low_res)] (10 channels); the known region exact."""
+    cfg = load_config(ROOT / "configs" / "scenes-sr16-32.yaml", [
+        "model.model_channels=16", "model.num_head_channels=8", "model.num_groups=8", "model.text.xf_width=16",
+        "model.text.xf_layers=1", "diffusion.steps=100", "augment.steps=100", "augment.max_level=50",
+        "model.inpaint=true"])
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    seen = []
+    net.input_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    image, low = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 0
+    x, _ = draw_samples(build_denoiser(cfg, net), cfg, n=2, steps=2, low_res=low, aug_level=0, prompts=["a 7"],
+                        inpaint_image=image, inpaint_mask=mask, distributed=False)
+    known = mask.expand(2, 3, 32, 32) == 1
+    assert torch.equal(x[known], image.expand(2, 3, 32, 32)[known])
+    h = seen[0]
+    assert h.shape == (2, 10, 32, 32) and torch.equal(h[:, 3:6], (image * mask).expand(2, 3, 32, 32))
+    assert torch.equal(h[:, 6:7], mask.expand(2, 1, 32, 32))

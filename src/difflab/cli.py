@@ -112,7 +112,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def _steps_arg(text: str) -> int | str:
     """``--steps``: an int K, or a respacing rule kept as text (checked against T when sampling)."""
-    return int(text) if text.strip().isdigit() else text
+    t = text.strip()
+    return int(t) if t.lstrip("+-").isdigit() else text
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:

@@ -205,3 +205,29 @@ def test_the_training_grid_inpaints_the_first_batch(tmp_path):
     tiles = np.stack([grid[2 + 18 * (i // 3):18 + 18 * (i // 3), 2 + 18 * (i % 3):18 + 18 * (i % 3)] for i in range(8)])
     # GLIDE's rule: the known pixels come back (float_to_uint8 truncates: within 1 of the image)
     assert np.abs(tiles[keep].astype(float) - truth[keep]).max() <= 1.0
+
+
+@pytest.mark.slow
+def test_the_benchmark_script_runs_and_resumes_in_miniature(tmp_path):
+    """benchmarks/inpaint_scenes.py with tiny models (~1 min): both rules keep the known region exactly, the
+    rows and files are there, and a second call with more minutes resumes the runs instead of retraining."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("inpaint_scenes", ROOT / "benchmarks" / "inpaint_scenes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = [a for s in SMALL if not s.startswith(("train.max_steps", "sample.steps")) for a in ("--set", s)]
+    args = ["--n", "6", "--steps", "2", "--batch", "6", "--work", str(tmp_path / "w"), *small]
+    assert bench.main(["--minutes", "0.05", "--out-dir", str(tmp_path / "r1"), *args]) == 0
+    result = json.loads((tmp_path / "r1" / "inpaint.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    for method in ("glide (inpainting model)", "replace (plain text model)"):
+        assert rows[method]["known_psnr_db"] is None and rows[method]["known_max_abs_err"] == 0.0
+        assert rows[method]["kept_object_correct"] == rows["real scenes"]["kept_object_correct"]
+    assert (tmp_path / "r1" / "inpaint.md").is_file() and (tmp_path / "r1" / "inpaint-grid.png").is_file()
+    steps = {k: v["steps"] for k, v in result["trained"].items()}
+    more = max(v["minutes"] for v in result["trained"].values()) + 0.05  # the minutes count start-up too
+    assert bench.main(["--minutes", str(more), "--out-dir", str(tmp_path / "r2"), *args]) == 0
+    again = json.loads((tmp_path / "r2" / "inpaint.json").read_text())["trained"]
+    assert all(again[k]["steps"] > steps[k] and again[k]["minutes"] >= more for k in steps)

@@ -171,6 +171,7 @@ def draw_samples(
     inpaint_rule: str | None = None,
     distributed: bool = True,
     progress: bool = False,
+    callback: Callable[[dict], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` samples ``[n, C, S, S]`` (float32, CPU, in [-1, 1]) and their labels (None if unconditional).
 
@@ -202,6 +203,11 @@ def draw_samples(
     ``"glide"`` (an inpainting model, ``model.inpaint``: the inputs go to the network and x0^ is pasted,
     GLIDE's notebook) or ``"replace"`` (any model: x_t's known region replaced by q(x_t | image) before each
     network call, the image pasted into the final x_0); None picks ``"glide"`` for an inpainting model.
+
+    ``callback`` (progress, previews, cancelling: ``difflab serve``) receives after every sampler step the
+    sampler's ``{"i", "t", "x", "pred_xstart"}`` of the batch plus ``"batch"`` (its index k), ``"batches"``
+    (their number) and ``"steps"`` (the batch's step count); an exception it raises stops the sampling. It
+    sees the state and never changes it: the samples are those drawn without it.
     """
     sc = cfg.sample
     guidance_scale = sc.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -269,6 +275,8 @@ def draw_samples(
             model_kwargs.update(known.model_kwargs(lo, hi, device))
             batch_denoiser = known.wrap(denoiser, lo, hi, _batch_seed(seed, k), device)
             batch_kwargs = {**kwargs, **known.sampler_kwargs(lo, hi, device)}
+        if callback is not None:
+            batch_kwargs = {**batch_kwargs, "callback": _batch_callback(callback, k, -(-n // batch), truncate_at)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = fn(batch_denoiser, x_T, generator=g, model_kwargs=model_kwargs or None, progress=progress,
                    **batch_kwargs)
@@ -276,6 +284,18 @@ def draw_samples(
             x = known.finish(x, lo, hi)
         mine.append((k, x.float().cpu()))
     return _gather(mine, n, shape, world), labels
+
+
+def _batch_callback(callback: Callable[[dict], None], k: int, batches: int, truncate_at: int) -> Callable[[dict], None]:
+    """A sampler callback handing ``callback`` the step's dict with the batch and its step count: every sampler
+    reports ``i`` (0, 1, ...) and ``t``, the respaced index (K-1, ..., end), so a chain has i + t + 1 - end steps
+    (end = 1 for a truncated chain, :func:`difflab.augment.sample_truncated`)."""
+    end = 1 if truncate_at else 0
+
+    def report(info: dict) -> None:
+        callback({**info, "batch": k, "batches": batches, "steps": int(info["i"]) + int(info["t"]) + 1 - end})
+
+    return report
 
 
 def _check_steps(steps: int | str | None, T: int) -> int | str | None:

@@ -199,10 +199,12 @@ def check_chain(stages: list[Stage], label: Any) -> None:
 
 
 def sample_cascade(cascade: CascadeConfig, stages: list[Stage] | None = None, *, prompts=None,
-                   distributed: bool = True, progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+                   distributed: bool = True, progress: bool = False,
+                   callback=None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Every stage's samples, base first: ``[(x [n, C, S_k, S_k] in [-1, 1] (z_s for a stage whose chain
     was truncated), labels or None), ...]``; under torchrun each stage is sharded across the ranks.
-    ``prompts`` (captions, cycled over the n samples) go to every text-conditional stage."""
+    ``prompts`` (captions, cycled over the n samples) go to every text-conditional stage. ``callback``:
+    :func:`~difflab.generate.draw_samples`'s, its dict with ``"stage"`` (k) and ``"stages"`` added."""
     from difflab.generate import draw_samples
 
     stages = build_cascade(cascade) if stages is None else stages
@@ -220,12 +222,18 @@ def sample_cascade(cascade: CascadeConfig, stages: list[Stage] | None = None, *,
                                  guidance_scale=spec.guidance, bf16=spec.bf16, low_res=low_res,
                                  aug_level=spec.aug_level, low_res_noised=spec.truncated, truncate_at=truncate_at,
                                  prompts=prompts if st.cfg.is_text else None, distributed=distributed,
-                                 progress=progress)
+                                 progress=progress, callback=_stage_callback(callback, k, len(stages)))
         out.append((x, labels))
         # handed on as images (uint8 levels, as the official upsamplers read them), or as z_s when truncated
         if nxt is not None:
             low_res = x if truncate_at else _as_images(x, rounded=stages[k + 1].cfg.is_text)
     return out
+
+
+def _stage_callback(callback, k: int, stages: int):
+    if callback is None:
+        return None
+    return lambda info: callback({**info, "stage": k, "stages": stages})
 
 
 def _as_images(x: torch.Tensor, rounded: bool = False) -> torch.Tensor:

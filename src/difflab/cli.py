@@ -23,12 +23,14 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         description="Convert an official improved-diffusion / guided-diffusion state dict into "
         "DIR/model.safetensors + DIR/config.yaml, checking every key and shape.",
     )
-    p.add_argument("src", metavar="SRC.pt", help="the official checkpoint (loaded with weights_only=True)")
+    p.add_argument("src", metavar="SRC.pt", nargs="+", help="the official checkpoint (loaded with weights_only=True); "
+                   "GLIDE's noised CLIP (--preset glide/clip): its two files, clip/image-enc and clip/text-enc")
     p.add_argument("--preset", required=True, metavar="NAME",
                    help="network preset, e.g. guided-diffusion/256x256_diffusion (see docs/networks.md)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--vocab", metavar="DIR", help="GLIDE U-Nets: the GPT-2 BPE folder (glide-text2im's "
-                   "glide_text2im/tokenizer; default: that of an installed glide_text2im), copied into DIR/tokenizer")
+                   "glide_text2im/tokenizer; default: that of an installed glide_text2im), copied into DIR/tokenizer; "
+                   "GLIDE's noised CLIP: CLIP's bpe_simple_vocab_16e6.txt.gz or its folder (same default)")
     p.set_defaults(func=_run_convert)
 
 
@@ -73,6 +75,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="RUN", help="run folder (default: runs/<config name>)")
     p.add_argument("--max-steps", type=int, metavar="N", help="train until step N (sets train.max_steps)")
     p.add_argument("--max-minutes", type=float, metavar="M", help="stop cleanly (and checkpoint) after M minutes")
+    p.add_argument("--max-cpu-minutes", type=float, metavar="M",
+                   help="stop cleanly after M minutes of this process's CPU time (all its threads): a budget that "
+                   "other work on the machine does not shrink, for equal-compute comparisons")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
@@ -84,10 +89,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     cfg, run_dir = resolve_train_config(args.config, args.overrides, out=args.out, resume=args.resume,
                                         max_steps=args.max_steps)
-    check_limits(None, args.max_minutes)  # before the run folder is touched
+    check_limits(None, args.max_minutes, args.max_cpu_minutes)  # before the run folder is touched
     try:
         trainer = Trainer(cfg, run_dir, resume=args.resume is not None, quiet=args.quiet)
-        result = trainer.train(max_minutes=args.max_minutes)
+        result = trainer.train(max_minutes=args.max_minutes, max_cpu_minutes=args.max_cpu_minutes)
     except TrainingDiverged as e:
         if is_main():
             print(f"difflab: error: training diverged: {e}; stopped without saving that state "

@@ -185,3 +185,21 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_zero(tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop_time = [{k: v for k, v in r.items() if k != "img/s"} for r in read_metrics(whole / "metrics.jsonl")]
     assert drop_time == [{k: v for k, v in r.items() if k != "img/s"} for r in read_metrics(killed / "metrics.jsonl")]
+
+
+def test_a_cpu_time_budget_stops_on_this_process_cpu_time(tmp_path):
+    """--max-cpu-minutes counts time.process_time (the process's CPU time), not the wall clock: the run stops
+    at the first step whose CPU time reaches the budget, checkpointed, and resumes from there."""
+    import time
+
+    from difflab.train.trainer import Trainer, resolve_train_config
+
+    cfg, run = resolve_train_config(str(TINY), list(TINY_SET), out=tmp_path / "run", max_steps=100000)
+    trainer = Trainer(cfg, run, quiet=True)
+    cpu0 = time.process_time()
+    result = trainer.train(max_cpu_minutes=0.01)  # 0.6 s of CPU
+    used = time.process_time() - cpu0
+    assert result.stopped == "max_cpu_minutes" and 0 < result.step < 100000
+    assert used >= 0.6 and [p.name for p in list_checkpoints(run)][-1] == f"ckpt_{result.step:07d}"
+    with pytest.raises(ValueError, match="max_cpu_minutes must be > 0"):
+        trainer.train(max_cpu_minutes=float("nan"))

@@ -76,7 +76,7 @@ class TrainResult:
 
     run_dir: Path
     step: int
-    stopped: str  # "max_steps" or "max_minutes"
+    stopped: str  # "max_steps", "max_minutes" or "max_cpu_minutes"
     seconds: float
     last_loss: float | None
 
@@ -306,14 +306,17 @@ class Trainer:
         return {**dict(zip(names, means[:-1], strict=True)), "weighted_loss": means[-1]}
 
     # ------------------------------------------------------------------------------------------ the loop
-    def train(self, max_steps: int | None = None, max_minutes: float | None = None) -> TrainResult:
-        """Train until ``max_steps`` (default ``train.max_steps``) or ``max_minutes`` of this call;
-        checkpoint every ``save_every`` steps and at the end, then let the task write its final outputs.
+    def train(self, max_steps: int | None = None, max_minutes: float | None = None,
+              max_cpu_minutes: float | None = None) -> TrainResult:
+        """Train until ``max_steps`` (default ``train.max_steps``), ``max_minutes`` of this call or
+        ``max_cpu_minutes`` of this process's CPU time in this call (``time.process_time``: all its threads;
+        an equal-compute budget that other work on the machine does not shrink); checkpoint every
+        ``save_every`` steps and at the end, then let the task write its final outputs.
         Raises :class:`TrainingDiverged`."""
         tc = self.cfg.train
         max_steps = tc.max_steps if max_steps is None else max_steps
-        check_limits(max_steps, max_minutes)
-        start = time.perf_counter()
+        check_limits(max_steps, max_minutes, max_cpu_minutes)
+        start, cpu_start = time.perf_counter(), time.process_time()
         if self.main and not self.quiet and self.step < max_steps:
             print(f"difflab: {self.precision_note}", file=sys.stderr, flush=True)
         bar = self._progress_bar(max_steps)
@@ -333,8 +336,12 @@ class Trainer:
                     self.save_sample_grid()
                 if self.step % tc.save_every == 0:
                     self.save()
-                if max_minutes is not None and self._out_of_time(start, max_minutes):
+                if max_minutes is not None and self._out_of_time(time.perf_counter() - start, max_minutes):
                     stopped = "max_minutes"
+                    break
+                if max_cpu_minutes is not None and self._out_of_time(time.process_time() - cpu_start,
+                                                                     max_cpu_minutes):
+                    stopped = "max_cpu_minutes"
                     break
         finally:
             if bar is not None:
@@ -345,9 +352,9 @@ class Trainer:
         dist_utils.barrier()
         return TrainResult(self.run_dir, self.step, stopped, time.perf_counter() - start, last)
 
-    def _out_of_time(self, start: float, max_minutes: float) -> bool:
+    def _out_of_time(self, elapsed: float, max_minutes: float) -> bool:
         """Rank 0's clock decides, so every rank stops after the same step."""
-        flag = torch.tensor([float(time.perf_counter() - start >= 60.0 * max_minutes)])
+        flag = torch.tensor([float(elapsed >= 60.0 * max_minutes)])
         if self.world > 1:
             torch.distributed.broadcast(flag, src=0)
         return bool(flag.item())
@@ -443,12 +450,13 @@ class Trainer:
         dist_utils.barrier()
 
 
-def check_limits(max_steps: int | None, max_minutes: float | None) -> None:
+def check_limits(max_steps: int | None, max_minutes: float | None, max_cpu_minutes: float | None = None) -> None:
     """ValueError for a negative step count or a non-positive time limit."""
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
-    if max_minutes is not None and not max_minutes > 0:
-        raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+    for name, value in (("max_minutes", max_minutes), ("max_cpu_minutes", max_cpu_minutes)):
+        if value is not None and not value > 0:  # also refuses NaN
+            raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def train(
@@ -458,11 +466,13 @@ def train(
     resume: bool = False,
     max_steps: int | None = None,
     max_minutes: float | None = None,
+    max_cpu_minutes: float | None = None,
     quiet: bool = False,
 ) -> TrainResult:
     """Train (or resume) a run: :class:`Trainer` then :meth:`Trainer.train`."""
-    check_limits(max_steps, max_minutes)  # before the run folder is touched
-    return Trainer(cfg, run_dir, resume=resume, quiet=quiet).train(max_steps=max_steps, max_minutes=max_minutes)
+    check_limits(max_steps, max_minutes, max_cpu_minutes)  # before the run folder is touched
+    return Trainer(cfg, run_dir, resume=resume, quiet=quiet).train(max_steps=max_steps, max_minutes=max_minutes,
+                                                                   max_cpu_minutes=max_cpu_minutes)
 
 
 def resolve_train_config(

@@ -1,6 +1,6 @@
 """The peer for the scenes cascade: imagen-pytorch's cascade 16 -> 32 -> 64 trained on the captioned MNIST
-scenes for the same CPU minutes (process CPU time) per stage as difflab's (benchmarks/scenes_cascade.py), sampled on the same
-1,000 benchmark prompts and scored by the same scene evaluator. Benchmark environment only:
+scenes for the same CPU minutes (process CPU time) per stage as difflab's (benchmarks/scenes_cascade.py),
+sampled on the same 1,000 benchmark prompts and scored by the same scene evaluator. Benchmark environment only:
 
     OMP_NUM_THREADS=1 /work/benchenv/bin/python benchmarks/imagen_scenes.py --minutes 8 --threads 1
 

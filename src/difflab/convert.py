@@ -36,6 +36,7 @@ from torch import nn
 from difflab.config import from_dict, save_config
 from difflab.fileio import atomic_write_with, require_new_folder
 from difflab.nn.classifier import ClassifierConfig
+from difflab.nn.clip import NoisedCLIPConfig
 from difflab.nn.presets import build_network, config_from_official_flags, get_preset
 from difflab.nn.text_unet import TextUNetConfig
 from difflab.nn.unet import UNetConfig
@@ -58,6 +59,8 @@ __all__ = [
     "converted_classifier",
     "converted_run_config",
     "glide_vocab_folder",
+    "clip_vocab_file",
+    "convert_noised_clip",
 ]
 
 # Official key prefix -> difflab key prefix. improved-/guided-diffusion keys are difflab keys as they are;
@@ -332,22 +335,32 @@ def convert_checkpoint(
     """Convert an official ``.pt`` state dict into a difflab checkpoint folder.
 
     Args:
-        pt_path: the official checkpoint (a plain state dict saved with ``torch.save``).
+        pt_path: the official checkpoint (a plain state dict saved with ``torch.save``); for GLIDE's noised CLIP
+            (preset ``glide/clip``) the two released files, see :func:`convert_noised_clip`.
         preset_or_config: a preset name of ``difflab.nn.presets`` or a config.
         out_dir: the folder to write ``model.safetensors`` and ``config.yaml`` into.
         vocab: a GLIDE text U-Net's tokenizer folder (:func:`glide_vocab_folder`; default: the installed
-            glide-text2im's), copied into ``out_dir/tokenizer``.
+            glide-text2im's), copied into ``out_dir/tokenizer``; for the noised CLIP, CLIP's BPE file
+            (:func:`clip_vocab_file`).
     Returns:
         ``out_dir`` as a Path.
     Raises:
         FileNotFoundError if ``pt_path`` does not exist; ValueError if it is not a state dict or does
         not fit the config (listing what did not match).
     """
+    config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    if isinstance(config, NoisedCLIPConfig):  # GLIDE's noised CLIP: two released files, one folder
+        return convert_noised_clip(pt_path, out_dir, vocab=vocab, config=config,
+                                   preset=preset_or_config if isinstance(preset_or_config, str) else None)
+    if not isinstance(pt_path, (str, os.PathLike)):
+        paths = list(pt_path)
+        if len(paths) != 1:
+            raise ValueError(f"one checkpoint file converts into one network; got {len(paths)} files")
+        pt_path = paths[0]
     path = Path(pt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     require_new_folder(out_dir, "--out")  # before minutes of reading a large checkpoint
-    config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     text = isinstance(config, TextUNetConfig)
     if vocab is not None and not text:
         raise ValueError("--vocab: only for a GLIDE text U-Net (presets glide/...)")
@@ -367,6 +380,108 @@ def convert_checkpoint(
     return out
 
 
+# GLIDE's noised CLIP: the state-dict key that tells each released file's tower, and CLIP's BPE vocabulary file
+_CLIP_TOWERS = {"blocks.input.w_t": "image", "blocks.input.w_voc": "text"}
+CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt"
+
+
+def clip_vocab_file(vocab: str | os.PathLike | None) -> Path:
+    """CLIP's BPE file (``bpe_simple_vocab_16e6.txt`` or ``.gz``): ``vocab`` (the file or its folder), or the one
+    an installed ``glide_text2im`` ships in ``glide_text2im/tokenizer``. Checked by loading it (49,408 ids)."""
+    from difflab.text import CLIPTokenizer
+
+    if vocab is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("glide_text2im")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("GLIDE's noised CLIP needs CLIP's tokenizer: --vocab FILE (bpe_simple_vocab_16e6.txt.gz, "
+                             "in glide-text2im's glide_text2im/tokenizer or openai/CLIP's clip/)")
+        vocab = Path(next(iter(spec.submodule_search_locations))) / "tokenizer"
+    path = Path(vocab)
+    if path.is_dir():
+        found = [p for p in (path / CLIP_VOCAB_FILE, path / (CLIP_VOCAB_FILE + ".gz")) if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"--vocab {path}: no {CLIP_VOCAB_FILE}[.gz] in the folder")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"--vocab: file not found: {path}")
+    n = CLIPTokenizer(path).n_vocab
+    if n != 49408:
+        raise ValueError(f"--vocab {path}: a CLIP BPE of {n} ids; CLIP's has 49,408")
+    return path
+
+
+def convert_noised_clip(
+    pt_paths,
+    out_dir: str | os.PathLike,
+    *,
+    vocab: str | os.PathLike | None = None,
+    config: NoisedCLIPConfig | None = None,
+    preset: str | None = "glide/clip",
+) -> Path:
+    """GLIDE's two released noised-CLIP files (``clip/image-enc`` and ``clip/text-enc``, in any order: each is
+    told by its keys) into one folder that CLIP guidance loads (:func:`difflab.clip_guidance.load_noised_clip`):
+    ``model.safetensors`` (keys ``image_encoder.*``, ``text_encoder.*`` and ``logit_scale`` = float32 ln 100, the
+    official fixed value), ``config.yaml`` (a :class:`NoisedCLIPConfig` with both towers) and ``tokenizer/`` with
+    CLIP's BPE (:func:`clip_vocab_file`). Every key and shape is checked against the towers of ``config``
+    (default: preset ``glide/clip``).
+
+    Raises FileNotFoundError for a missing file; ValueError for a single-tower preset, a file that is neither tower,
+    two files of the same tower, or weights that do not fit (listing what did not match).
+    """
+    import math
+
+    from difflab.nn.clip import ImageEncoder, TextEncoder
+
+    config = get_preset("glide/clip") if config is None else config
+    if config.encoders != "both":
+        raise ValueError(f"{preset or 'this config'} is one tower of the noised CLIP; guidance needs both: convert the "
+                         "two released files into one folder: difflab convert IMAGE_ENC.pt TEXT_ENC.pt "
+                         "--preset glide/clip --out DIR")
+    paths = [Path(pt_paths)] if isinstance(pt_paths, (str, os.PathLike)) else [Path(p) for p in pt_paths]
+    if len(paths) != 2:
+        raise ValueError(f"GLIDE's noised CLIP is two released files (clip/image-enc and clip/text-enc); got "
+                         f"{len(paths)}: difflab convert IMAGE_ENC.pt TEXT_ENC.pt --preset glide/clip --out DIR")
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+    require_new_folder(out_dir, "--out")
+    vocab_file = clip_vocab_file(vocab)
+    towers: dict[str, tuple[Path, Mapping[str, torch.Tensor]]] = {}
+    for path in paths:
+        sd = load_weights_only(path, what="official checkpoint")
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of key -> tensor)")
+        kind = next((k for key, k in _CLIP_TOWERS.items() if key in sd), None)
+        if kind is None:
+            raise ValueError(f"{path} is neither released noised-CLIP tower: it has no {' or '.join(_CLIP_TOWERS)}")
+        if kind in towers:
+            raise ValueError(f"{towers[kind][0]} and {path} both hold the {kind} tower; give clip/image-enc and "
+                             "clip/text-enc")
+        towers[kind] = (path, sd)
+    mapped: dict[str, torch.Tensor] = {}
+    for kind, cls in (("image", ImageEncoder), ("text", TextEncoder)):
+        path, sd = towers[kind]
+        with torch.device("meta"):
+            tower = cls(config)
+        try:
+            checked = check_state_dict(tower, sd)
+        except ValueError as e:
+            raise ValueError(f"{path} ({kind} tower): {e}") from None
+        mapped.update({f"{kind}_encoder.{k}": v for k, v in checked.items()})
+    mapped["logit_scale"] = torch.tensor(math.log(config.logit_scale), dtype=torch.float32)
+    meta = {"source": f"{towers['image'][0].name},{towers['text'][0].name}", "format": "pt"}
+    if preset is not None:
+        meta["preset"] = preset
+    out = save_converted(mapped, config, out_dir, metadata=meta)
+    dest = out / "tokenizer"
+    dest.mkdir()
+    data = vocab_file.read_bytes()
+    atomic_write_with(dest / vocab_file.name, lambda p: p.write_bytes(data))
+    return out
+
+
 def converted_network_config(out_dir: str | os.PathLike) -> UNetConfig | ClassifierConfig:
     """The network config of a difflab checkpoint folder (its ``config.yaml``; ``model.safetensors`` must be there)."""
     out = Path(out_dir)
@@ -377,6 +492,8 @@ def converted_network_config(out_dir: str | os.PathLike) -> UNetConfig | Classif
     d = yaml.safe_load(cfg_path.read_text())
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_path} is not a mapping of config fields")
+    if "n_xf_blocks_image" in d:  # GLIDE's noised CLIP (convert_noised_clip)
+        return from_dict(NoisedCLIPConfig, d)
     return from_dict(ClassifierConfig if "pool" in d else TextUNetConfig if "text" in d else UNetConfig, d)
 
 
@@ -441,6 +558,9 @@ def converted_run_config(folder: str | os.PathLike):
     if isinstance(net, ClassifierConfig):
         raise ValueError(f"{out} holds a converted classifier, not a diffusion U-Net: guide with it "
                          "(difflab sample RUN --classifier FOLDER --classifier-scale S)")
+    if isinstance(net, NoisedCLIPConfig):
+        raise ValueError(f"{out} holds a converted noised CLIP, not a diffusion U-Net: guide a text run with it "
+                         "(difflab sample RUN --prompt TEXT --clip FOLDER --clip-scale S)")
     preset = _converted_preset(out)
     if preset not in OFFICIAL_DIFFUSION:
         raise _unknown_preset(out, preset, OFFICIAL_DIFFUSION)

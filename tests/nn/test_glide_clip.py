@@ -157,3 +157,64 @@ def test_config_validation_names_the_field(kwargs, field):
         config_from_official_flags({"beta_schedule": "squaredcos"}, "glide-clip")
     with pytest.raises(ValueError, match="encoders='image' is invalid; valid: 'both'"):
         NoisedCLIP(NoisedCLIPConfig(encoders="image"))
+
+
+def _tower_files(fixtures_dir, tmp_path):
+    paths = {}
+    for name, kind in (("glide_clip_image", "image"), ("glide_clip_text", "text")):
+        paths[kind] = tmp_path / f"{kind}-enc.pt"
+        torch.save(load_golden(fixtures_dir, name)[1], paths[kind])
+    return paths
+
+
+def test_convert_both_files_into_a_folder_guidance_loads(fixtures_dir, tmp_path, monkeypatch, capsys):
+    """difflab convert TEXT.pt IMAGE.pt --preset glide/clip (either order) writes one folder; load_noised_clip
+    reads it with CLIP's BPE copied beside it, and its guidance gradient from the prompts is the official one."""
+    from difflab.cli import main
+    from difflab.clip_guidance import clip_text_embeddings, load_noised_clip
+
+    paths = _tower_files(fixtures_dir, tmp_path)
+    monkeypatch.setitem(PRESETS, "glide/clip", tiny_config(fixtures_dir))  # the fixtures' widths
+    out = tmp_path / "clip"
+    assert main(["convert", str(paths["text"]), str(paths["image"]), "--preset", "glide/clip", "--out", str(out),
+                 "--vocab", str(fixtures_dir / "tokenizers")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "tokenizer"]
+    assert [p.name for p in (out / "tokenizer").iterdir()] == ["bpe_simple_vocab_16e6.txt.gz"]
+    clip = load_noised_clip(out)
+    assert isinstance(clip, NoisedCLIP) and not clip.training and clip.config == tiny_config(fixtures_dir)
+    assert clip.logit_scale.dtype == torch.float32 and clip.logit_scale.item() == pytest.approx(4.605170, abs=1e-6)
+    g = load_file(str(fixtures_dir / "models" / "glide_clip_guidance.safetensors"))
+    prompts = json.loads((fixtures_dir / "models" / "glide_clip_guidance.json").read_text())["prompts"]
+    grad = clip_cond_fn(clip, clip_text_embeddings(clip, prompts), 3.0)(g["in.x"], g["in.t"])
+    assert rel_err(grad, g["cond_fn_scale3"]) < 1e-5
+    # a folder the sampler cannot use as a diffusion model says what it is
+    assert main(["sample", str(out), "--n", "1"]) == 2
+    assert "holds a converted noised CLIP" in capsys.readouterr().err
+
+
+def test_convert_refuses_what_is_not_the_pair(fixtures_dir, tmp_path, capsys):
+    """One line and exit 2, nothing written: a single-tower preset, one file, a file of neither tower, the same
+    tower twice, and the fixtures' tiny towers against the released widths."""
+    from difflab.cli import main
+
+    paths = _tower_files(fixtures_dir, tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
+    vocab = ["--vocab", str(fixtures_dir / "tokenizers")]
+    cases = [
+        ([paths["image"], paths["text"]], "glide/clip-image-enc", "is one tower of the noised CLIP"),
+        ([paths["image"]], "glide/clip", "two released files"),
+        ([paths["image"], tmp_path / "other.pt"], "glide/clip", "neither released noised-CLIP tower"),
+        ([paths["image"], paths["image"]], "glide/clip", "both hold the image tower"),
+        ([paths["image"], paths["text"]], "glide/clip", "(image tower): checkpoint does not fit the model"),
+        ([paths["image"], paths["text"]], "glide/base", "one checkpoint file converts into one network; got 2"),
+    ]
+    for k, (files, preset, message) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        assert main(["convert", *map(str, files), "--preset", preset, "--out", str(out), *vocab]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists()
+    assert main(["convert", str(paths["image"]), str(paths["text"]), "--preset", "glide/clip", "--out",
+                 str(tmp_path / "o"), "--vocab", str(tmp_path)]) == 2
+    assert "no bpe_simple_vocab_16e6.txt[.gz] in the folder" in capsys.readouterr().err

@@ -38,6 +38,7 @@ import yaml
 
 if TYPE_CHECKING:
     from difflab.nn.classifier import ClassifierConfig
+    from difflab.nn.clip import NoisedCLIPConfig
     from difflab.nn.text_unet import TextUNetConfig
     from difflab.nn.unet import UNetConfig
 
@@ -77,6 +78,9 @@ def _hints(cls: type) -> dict[str, Any]:
     ns.setdefault("UNetConfig", UNetConfig)
     ns.setdefault("TextUNetConfig", TextUNetConfig)
     ns.setdefault("ClassifierConfig", ClassifierConfig)
+    from difflab.nn.clip import NoisedCLIPConfig
+
+    ns.setdefault("NoisedCLIPConfig", NoisedCLIPConfig)
     return typing.get_type_hints(cls, globalns=ns)
 
 
@@ -771,6 +775,51 @@ class SceneFeaturesRunConfig:
         _require(self, self.eval_scenes >= 1, "eval_scenes", "must be >= 1")
 
 
+@dataclass(frozen=True)
+class NoisedCLIPRunConfig:
+    """GLIDE's noised CLIP (:class:`difflab.nn.clip.NoisedCLIP`) trained contrastively on noised captioned images
+    x_t = q_sample(x_0, t), t uniform over the diffusion's steps, for CLIP guidance. A YAML file whose top level says
+    ``task: noised_clip`` is one; it trains on the one loop (:class:`difflab.train.tasks.noised_clip.NoisedCLIPTask`,
+    docs/clip.md)."""
+
+    # the network (difflab.nn.clip.NoisedCLIPConfig); its n_timesteps and beta_schedule are the diffusion whose x_t
+    # it learns to read (that of the model it will guide); YAML may say {preset: glide/clip, ...overrides}
+    clip: NoisedCLIPConfig
+    # marks the file as a noised-CLIP config (a diffusion config has no 'task')
+    task: Literal["noised_clip"] = "noised_clip"
+    # captioned training images (data.captions: true), image_size = clip.image_size, 3 channels
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="scenes", captions=True))
+    # the captions' tokenizer (miniature scenes vocabulary, or CLIP's BPE: tokenizer clip, vocab PATH)
+    text: TextConfig = field(default_factory=TextConfig)
+    # the loop's settings (optimiser, batch, EMAs, checkpoints); the contrastive negatives are the other examples
+    # of each rank's (micro-)batch
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # the weights written to noised_clip.safetensors at the end: null = the trained weights, or one of
+    # train.ema_rates
+    export_ema: float | None = None
+    # scored at the end: image -> caption retrieval among this many held-out examples, per band of t
+    eval_examples: int = 256
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        c, d = self.clip, self.data
+        if c.encoders != "both":
+            raise ConfigError(("clip", "encoders"), f"must be 'both' to train a noised CLIP; got {c.encoders!r}")
+        if not d.captions:
+            raise ConfigError(("data", "captions"), "must be true: the noised CLIP learns from image-caption pairs")
+        if d.image_size != c.image_size:
+            raise ConfigError(("data", "image_size"), f"is {d.image_size} but clip.image_size is {c.image_size}")
+        if d.channels not in (None, 3):
+            raise ConfigError(("data", "channels"), f"must be 3 or null (the CLIP reads RGB); got {d.channels}")
+        if d.low_res_size is not None:
+            raise ConfigError(("data", "low_res_size"), "must be null for task noised_clip")
+        rate = self.export_ema
+        if rate is not None and rate not in self.train.ema_rates:
+            raise ConfigError(("export_ema",), f"must be null or one of train.ema_rates {list(self.train.ema_rates)}; "
+                                               f"got {rate}")
+        _require(self, self.eval_examples >= 2, "eval_examples", "must be >= 2")
+
+
 # ============================================================================ model presets
 
 
@@ -849,6 +898,7 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
 
 # the config class of each `task:` a YAML file may name (a diffusion config names none)
 TASK_CONFIGS: dict[str, type] = {"classifier": ClassifierRunConfig, "scene_features": SceneFeaturesRunConfig}
+TASK_CONFIGS["noised_clip"] = NoisedCLIPRunConfig
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

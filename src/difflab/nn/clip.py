@@ -381,10 +381,12 @@ class NoisedCLIP(nn.Module):
         """z_t = g(tokens, lens) / (||.|| + 1e-12). tokens [N, max_text_len], lens [N] (with SOT and EOT)."""
         return _normalised(self.text_encoder(tokens, lens))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_i [N, n_embd], z_t [M, n_embd]) of N images and M captions (training: the contrastive pairs)."""
-        return self.image_embeddings(x_t, t), self.text_embeddings(tokens, lens)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """CLIP's ``logits_per_image`` [N, M] = exp(logit_scale) z_i z_t^T of N noised images and M captions (the
+        contrastive training's logits). As CLIP, the scale is clamped at 100 (here in the forward pass, so the
+        parameter stops growing there); guidance uses exp(logit_scale) as the official ``cond_fn``."""
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        return scale * self.image_embeddings(x_t, t) @ self.text_embeddings(tokens, lens).t()
 
 
 def build_noised_clip(config: NoisedCLIPConfig) -> nn.Module:

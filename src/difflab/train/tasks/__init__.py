@@ -6,7 +6,9 @@
   (ADM Sec. 4), from a :class:`~difflab.config.ClassifierRunConfig` (``task: classifier``);
 - :class:`~difflab.train.tasks.scene_features.SceneFeaturesTask`: the scene evaluator's feature network
   (:class:`~difflab.eval.scenes.SceneFeatureNet`), from a :class:`~difflab.config.SceneFeaturesRunConfig`
-  (``task: scene_features``).
+  (``task: scene_features``);
+- :class:`~difflab.train.tasks.noised_clip.NoisedCLIPTask`: GLIDE's noised CLIP for CLIP guidance, from a
+  :class:`~difflab.config.NoisedCLIPRunConfig` (``task: noised_clip``).
 
 :mod:`difflab.train.tasks.base` says what a task supplies and what the loop does with it.
 """
@@ -32,9 +34,16 @@ def make_task(cfg: Any) -> Task:
         from difflab.train.tasks.scene_features import SceneFeaturesTask
 
         return SceneFeaturesTask(cfg)
+    from difflab.config import NoisedCLIPRunConfig
+
+    if isinstance(cfg, NoisedCLIPRunConfig):
+        from difflab.train.tasks.noised_clip import NoisedCLIPTask
+
+        return NoisedCLIPTask(cfg)
     if isinstance(cfg, Config):
         from difflab.train.tasks.diffusion import DiffusionTask
 
         return DiffusionTask(cfg)
     raise ValueError(f"no training task for a {type(cfg).__name__}; valid: Config (diffusion), "
-                     "ClassifierRunConfig (task: classifier), SceneFeaturesRunConfig (task: scene_features)")
+                     "ClassifierRunConfig (task: classifier), SceneFeaturesRunConfig (task: scene_features), "
+                     "NoisedCLIPRunConfig (task: noised_clip)")

@@ -148,6 +148,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    "run folder of difflab train or its classifier.safetensors (default: sample.classifier)")
     p.add_argument("--classifier-scale", type=float, metavar="S", help="classifier guidance scale s "
                    "(ADM Alg. 1/2; default: sample.classifier_scale)")
+    p.add_argument("--clip", metavar="FOLDER_OR_RUN", help="GLIDE's CLIP guidance towards the --prompt captions: a "
+                   "noised CLIP (difflab convert ... --preset glide/clip folder, a task: noised_clip run or its "
+                   "noised_clip.safetensors; docs/clip.md)")
+    p.add_argument("--clip-scale", type=float, metavar="S", help="CLIP guidance scale s: mu + s Sigma grad "
+                   "(z_t . z_i(x_t, t)) (default 1; GLIDE's notebook: 3)")
     p.add_argument("--seed", type=int, help="noise seed (default: sample.seed)")
     p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="run the network under "
@@ -183,7 +188,7 @@ def _run_sample(args: argparse.Namespace) -> int:
                   batch=args.batch, guidance_scale=args.guidance, classifier=args.classifier,
                   classifier_scale=args.classifier_scale, bf16=args.bf16, grid=args.grid, npz=args.npz,
                   ema=args.ema, checkpoint=args.checkpoint, low_res=args.low_res, aug_level=args.aug_level,
-                  prompts=_prompts(args), progress=not args.quiet)
+                  prompts=_prompts(args), progress=not args.quiet, clip=args.clip, clip_scale=args.clip_scale)
     given = [flag for flag, value in (("--ref", args.ref), ("--features", args.features),
                                       ("--inception-weights", args.inception_weights)) if value is not None]
     if not args.eval:
@@ -225,7 +230,8 @@ def _run_sample_cascade(args: argparse.Namespace) -> int:
         ("--sampler", args.sampler), ("--steps", args.steps), ("--eta", args.eta), ("--guidance", args.guidance),
         ("--classifier", args.classifier), ("--classifier-scale", args.classifier_scale), ("--ema", args.ema),
         ("--checkpoint", args.checkpoint), ("--low-res", args.low_res), ("--aug-level", args.aug_level),
-        ("--bf16", args.bf16), ("--eval", args.eval or None)) if value is not None]
+        ("--bf16", args.bf16), ("--eval", args.eval or None), ("--clip", args.clip),
+        ("--clip-scale", args.clip_scale)) if value is not None]
     if per_stage:
         raise ValueError(f"{', '.join(per_stage)}: set per stage in the cascade file {args.run} (valid here: --n, "
                          "--seed, --label, --batch, --prompt, --prompts, --grid, --npz, --stages)")

@@ -45,6 +45,8 @@ __all__ = [
     "clip_cond_fn",
     "check_clip_fits",
     "clip_guided_denoiser",
+    "clip_prompts",
+    "ClipGuide",
     "save_noised_clip",
     "load_noised_clip",
 ]
@@ -140,6 +142,58 @@ def clip_guided_denoiser(denoiser: Any, clip: NoisedCLIP, captions: Sequence[str
             raise ValueError("CLIP guidance takes a list of captions (strings), one per image")
         z_t = clip_text_embeddings(clip, captions, tokenizer)
     return ClassifierGuidance(denoiser, cond_fn=clip_cond_fn(clip, z_t, scale), original_t=True)
+
+
+def clip_prompts(cfg: Any, clip: Any, clip_scale: float | None, prompts: Any) -> list[str] | None:
+    """The captions CLIP guidance steers a sampling run towards (``draw_samples``), or None without a CLIP.
+
+    ValueError, in the words of ``difflab sample``: a scale without a CLIP, a scale that is not a finite number
+    >= 0, a CLIP without prompts. Any run takes prompts with a CLIP (an unconditional model is guided by the CLIP
+    alone; a text model also reads them itself)."""
+    if clip is None:
+        if clip_scale is not None:
+            raise ValueError("--clip-scale S needs a noised CLIP (--clip FOLDER_OR_RUN: a difflab convert folder of "
+                             "glide/clip or a task: noised_clip run)")
+        return None
+    if clip_scale is not None and not 0 <= float(clip_scale) < math.inf:
+        raise ValueError(f"the CLIP guidance scale must be a finite number >= 0, got {clip_scale}")
+    if prompts is None or isinstance(prompts, str) or not len(prompts):
+        raise ValueError("--clip: CLIP guidance steers the samples towards captions: give --prompt TEXT (repeatable) "
+                         "or --prompts FILE (one caption a line)")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings, got {bad[0]!r}")
+    return list(prompts)
+
+
+class ClipGuide:
+    """CLIP guidance of a sampling run, batch by batch (:func:`difflab.generate.draw_samples`): sample i is guided
+    towards ``prompts[i % len(prompts)]``; each batch gets its own :func:`clip_guided_denoiser`.
+
+    Args:
+        clip: a loaded :class:`NoisedCLIP` (with its ``tokenizer``) or a path for :func:`load_noised_clip`.
+        scale: s (None: 1).
+        prompts, n: the captions and the number of samples.
+        denoiser: the (unrespaced) denoiser to guide; the CLIP's fit to its process and to ``image_size`` (the
+            sampled side) is checked here, before anything is drawn.
+    """
+
+    def __init__(self, clip: Any, scale: float | None, prompts: Sequence[str], n: int, denoiser: Any,
+                 image_size: int, device: str | torch.device = "cpu") -> None:
+        if isinstance(clip, (str, os.PathLike)):
+            clip = load_noised_clip(clip, device)
+        if not isinstance(clip, NoisedCLIP):
+            raise ValueError(f"--clip: expected a noised CLIP, got a {type(clip).__name__}")
+        check_clip_fits(clip.config, denoiser.process, image_size)
+        self.clip, self.scale = clip, 1.0 if scale is None else float(scale)
+        distinct = list(dict.fromkeys(prompts))
+        z = clip_text_embeddings(clip, distinct)
+        self.z_t = z[torch.tensor([distinct.index(prompts[i % len(prompts)]) for i in range(n)], device=z.device)]
+
+    def wrap(self, denoiser: Any, lo: int, hi: int) -> ClassifierGuidance:
+        """``denoiser`` guided for samples lo..hi-1."""
+        return ClassifierGuidance(denoiser, cond_fn=clip_cond_fn(self.clip, self.z_t[lo:hi], self.scale),
+                                  original_t=True)
 
 
 # ---------------------------------------------------------------------------------------- files

@@ -172,6 +172,8 @@ def draw_samples(
     distributed: bool = True,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    clip=None,
+    clip_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` samples ``[n, C, S, S]`` (float32, CPU, in [-1, 1]) and their labels (None if unconditional).
 
@@ -204,6 +206,12 @@ def draw_samples(
     GLIDE's notebook) or ``"replace"`` (any model: x_t's known region replaced by q(x_t | image) before each
     network call, the image pasted into the final x_0); None picks ``"glide"`` for an inpainting model.
 
+    CLIP guidance (GLIDE; :mod:`difflab.clip_guidance`, docs/clip.md): ``clip`` (a loaded noised CLIP or its
+    folder / run / file) with ``clip_scale`` s (default 1) steers sample i towards ``prompts[i % len(prompts)]``:
+    mu + Sigma g (ancestral) or eps - sqrt(1 - abar_t) g (DDIM / ODE samplers), g = s grad exp(logit_scale)
+    z_t . z_i(x_t, t) at the original step t. Any run takes prompts with a CLIP; the CLIP must see the model's
+    sampling side and have been trained on its schedule.
+
     ``callback`` (progress, previews, cancelling: ``difflab serve``) receives after every sampler step the
     sampler's ``{"i", "t", "x", "pred_xstart"}`` of the batch plus ``"batch"`` (its index k), ``"batches"``
     (their number) and ``"steps"`` (the batch's step count); an exception it raises stops the sampling. It
@@ -212,8 +220,11 @@ def draw_samples(
     sc = cfg.sample
     guidance_scale = sc.guidance_scale if guidance_scale is None else float(guidance_scale)
     classifier_scale = sc.classifier_scale if classifier_scale is None else float(classifier_scale)
-    captions = _captions(cfg, prompts)
-    n = (len(captions) if captions is not None else sc.n) if n is None else n
+    from difflab.clip_guidance import clip_prompts
+
+    guide_prompts = clip_prompts(cfg, clip, clip_scale, prompts)  # CLIP guidance's captions, or None
+    captions = _captions(cfg, prompts) if guide_prompts is None or cfg.is_text else None
+    n = (len(captions) if captions is not None else len(guide_prompts) if guide_prompts else sc.n) if n is None else n
     batch = sc.batch if batch is None else batch
     seed = sc.seed if seed is None else seed
     name = sc.sampler if sampler is None else sampler
@@ -251,6 +262,11 @@ def draw_samples(
                        null_cond=text.null if text is not None else None)
     side = condition.out_side if condition.low_res is not None else cfg.data.sample_size
     shape = (cfg.model.in_channels, side, side)
+    guide = None
+    if guide_prompts is not None:
+        from difflab.clip_guidance import ClipGuide
+
+        guide = ClipGuide(clip, clip_scale, guide_prompts, n, denoiser, side, device)
     known = None
     if inpaint_image is not None or inpaint_mask is not None or inpaint_rule is not None:
         from difflab.inpaint import InpaintCondition
@@ -275,6 +291,8 @@ def draw_samples(
             model_kwargs.update(known.model_kwargs(lo, hi, device))
             batch_denoiser = known.wrap(denoiser, lo, hi, _batch_seed(seed, k), device)
             batch_kwargs = {**kwargs, **known.sampler_kwargs(lo, hi, device)}
+        if guide is not None:  # GLIDE's CLIP guidance: the batch's captions
+            batch_denoiser = guide.wrap(batch_denoiser, lo, hi)
         if callback is not None:
             batch_kwargs = {**batch_kwargs, "callback": _batch_callback(callback, k, -(-n // batch), truncate_at)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -413,6 +431,8 @@ def sample_run(
     prompts=None,
     progress: bool = False,
     evaluate: dict | None = None,
+    clip=None,
+    clip_scale: float | None = None,
 ) -> tuple[list, dict | None]:
     """``difflab sample``: load a run, draw samples (split across ranks under torchrun), and write a
     PNG grid and/or an ``.npz`` at the data's native size (rank 0). Returns ``(paths written, metrics)``:
@@ -421,7 +441,8 @@ def sample_run(
 
     ``label`` (an index or ``"all"``), ``guidance_scale`` w, ``classifier`` (a classifier file or run
     folder; default ``sample.classifier``), ``classifier_scale`` s and ``bf16``: see :func:`draw_samples`.
-    Without ``grid`` and ``npz`` both are written to ``RUN/samples/<sampler>_<n>[_w<w>][_s<s>].{png,npz}``.
+    ``clip`` (a noised CLIP's folder, run or file) and ``clip_scale``: CLIP guidance towards ``prompts``.
+    Without ``grid`` and ``npz`` both are written to ``RUN/samples/<sampler>_<n>[_w<w>][_s<s>][_clip<s>].{png,npz}``.
     A super-resolution run takes ``low_res``, an ``.npz`` of the images to upsample (e.g. a base run's
     samples; ``n`` defaults to their number), at conditioning level ``aug_level`` (see :func:`draw_samples`).
     """
@@ -448,6 +469,11 @@ def sample_run(
         from difflab.train.classifier import load_classifier
 
         classifier = load_classifier(classifier, device=info.device)
+    if clip is not None or clip_scale is not None:  # checked, and the CLIP loaded, before the run's weights
+        from difflab.clip_guidance import clip_prompts, load_noised_clip
+
+        clip_prompts(cfg, clip, clip_scale, prompts)
+        clip = load_noised_clip(clip, device=info.device) if not isinstance(clip, torch.nn.Module) else clip
     if low_res is not None:
         from difflab.data import load_npz, uint8_to_float
 
@@ -459,7 +485,7 @@ def sample_run(
     x, labels = draw_samples(denoiser, cfg, n=n, sampler=name, steps=steps, eta=eta, label=label, seed=seed,
                              batch=batch, guidance_scale=guidance_scale, classifier=classifier,
                              classifier_scale=classifier_scale, bf16=bf16, low_res=low_res, aug_level=aug_level,
-                             prompts=prompts,
+                             prompts=prompts, clip=clip, clip_scale=clip_scale,
                              progress=progress and info.rank == 0)
     images = to_uint8(x, cfg.data) if info.rank == 0 or evaluator is not None else None
     labels = labels.numpy() if labels is not None else None
@@ -469,6 +495,7 @@ def sample_run(
             w = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
             s = cfg.sample.classifier_scale if classifier_scale is None else classifier_scale
             tags = (f"_w{w:g}" if w else "") + (f"_s{s:g}" if s and classifier is not None else "")
+            tags += f"_clip{1.0 if clip_scale is None else clip_scale:g}" if clip is not None else ""
             grid, npz = _free_names(Path(run_dir) / "samples" / f"{name}_{len(x)}{tags}")
         check_output_files(grid=grid, npz=npz)  # again: something may have appeared while sampling
         written += _save(images, labels, grid, npz)

@@ -384,8 +384,40 @@ def _run_gather(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="a local web app: sample the named runs / converted folders / cascades in a browser (docs/serve.md)",
+        description="Serve a page with progress, previews, a queue and a gallery of results (each with the difflab "
+        "command that draws the same pixels) for the MODELs named here and nothing else: run folders, converted "
+        "folders, cascade files (.yaml) and noisy-classifier runs (offered as guidance). Needs difflab[serve].",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="a run folder, converted folder, cascade file or "
+                   "classifier run (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "any other prints a warning)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one, printed)")
+    p.add_argument("--gallery", default="difflab-gallery", metavar="DIR", help="where results are kept (default "
+                   "./difflab-gallery)")
+    p.add_argument("--max-n", type=int, default=64, metavar="N", help="most images per job (default 64)")
+    p.add_argument("--max-steps", type=int, default=1000, metavar="K", help="most sampling steps (default 1000)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from difflab.serve import serve
+    from difflab.serve.models import Limits
+
+    for flag, value in (("--max-n", args.max_n), ("--max-steps", args.max_steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    serve(args.models, host=args.host, port=args.port, gallery=args.gallery,
+          limits=Limits(max_n=args.max_n, max_steps=args.max_steps))
+    return 0
+
+
 _SUBCOMMANDS = [_add_train, _add_sample, _add_inpaint, _add_nll, _add_info, _add_convert, _add_eval, _add_data,
-                _add_gather]
+                _add_gather, _add_serve]
 
 
 class _Parser(argparse.ArgumentParser):

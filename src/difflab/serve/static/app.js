@@ -251,7 +251,10 @@ function finishJob() {
   setJobUI(false);
 }
 
+window.difflabEvents = [];  // the names of the events received (the browser tests read them)
+
 function onJobEvent(name, data) {
+  window.difflabEvents.push(name);
   document.body.dataset.events = String(Number(document.body.dataset.events || 0) + 1);
   const status = $("job-status");
   if (name === "job") {
@@ -506,6 +509,7 @@ async function useSourceBlob(blob, name) {
     const up = await api("/api/uploads", { method: "POST", headers: { "Content-Type": blob.type || "image/png" }, body: blob });
     state.inpaint.uploadId = up.id;
     state.inpaint.sourceName = name;
+    document.body.dataset.inpaintSource = up.id;
   } catch (e) { showError(`upload: ${e.message}`); return; }
   $("inpaint-box").open = true;
   drawCanvas();

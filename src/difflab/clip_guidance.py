@@ -144,7 +144,7 @@ def clip_guided_denoiser(denoiser: Any, clip: NoisedCLIP, captions: Sequence[str
     return ClassifierGuidance(denoiser, cond_fn=clip_cond_fn(clip, z_t, scale), original_t=True)
 
 
-def clip_prompts(cfg: Any, clip: Any, clip_scale: float | None, prompts: Any) -> list[str] | None:
+def clip_prompts(clip: Any, clip_scale: float | None, prompts: Any) -> list[str] | None:
     """The captions CLIP guidance steers a sampling run towards (``draw_samples``), or None without a CLIP.
 
     ValueError, in the words of ``difflab sample``: a scale without a CLIP, a scale that is not a finite number

@@ -222,7 +222,7 @@ def draw_samples(
     classifier_scale = sc.classifier_scale if classifier_scale is None else float(classifier_scale)
     from difflab.clip_guidance import clip_prompts
 
-    guide_prompts = clip_prompts(cfg, clip, clip_scale, prompts)  # CLIP guidance's captions, or None
+    guide_prompts = clip_prompts(clip, clip_scale, prompts)  # CLIP guidance's captions, or None
     captions = _captions(cfg, prompts) if guide_prompts is None or cfg.is_text else None
     n = (len(captions) if captions is not None else len(guide_prompts) if guide_prompts else sc.n) if n is None else n
     batch = sc.batch if batch is None else batch
@@ -472,7 +472,7 @@ def sample_run(
     if clip is not None or clip_scale is not None:  # checked, and the CLIP loaded, before the run's weights
         from difflab.clip_guidance import clip_prompts, load_noised_clip
 
-        clip_prompts(cfg, clip, clip_scale, prompts)
+        clip_prompts(clip, clip_scale, prompts)
         clip = load_noised_clip(clip, device=info.device) if not isinstance(clip, torch.nn.Module) else clip
     if low_res is not None:
         from difflab.data import load_npz, uint8_to_float

@@ -51,18 +51,20 @@ MODELS = (("inpaint16", "scenes-inpaint16.yaml"), ("text16", "scenes-text16.yaml
 
 
 def train(work: Path, name: str, config: str, minutes: float, overrides: list[str]) -> dict:
-    """Train ``config`` into ``work/name`` until it has trained ``minutes`` (resuming what an earlier call left)."""
+    """Train ``config`` into ``work/name`` until it has trained ``minutes`` of CPU time (``difflab train
+    --max-cpu-minutes``, so other work on the machine does not shrink the budget; resuming what an earlier
+    call left)."""
     run, record = work / name, work / f"{name}.minutes.json"
     done = json.loads(record.read_text()) if record.is_file() else {"minutes": 0.0, "cpu_minutes": 0.0}
     if (run / "config.yaml").is_file() and not record.is_file():
         done = {"minutes": None, "cpu_minutes": None, "given": True}  # a run trained elsewhere: taken as it is
-    left = minutes - done["minutes"] if done["minutes"] is not None else 0.0
+    left = minutes - done["cpu_minutes"] if done["cpu_minutes"] is not None else 0.0
     if left > 0.01:
         cmd = [sys.executable, "-m", "difflab", "train"]
         cmd += (["--resume", str(run)] if (run / "config.yaml").is_file()
                 else [str(ROOT / "configs" / config), "--out", str(run),
                       *[a for o in overrides for a in ("--set", o)]])
-        cmd += ["--max-minutes", f"{left:.3f}", "--quiet"]
+        cmd += ["--max-cpu-minutes", f"{left:.3f}", "--quiet"]
         print("+", " ".join(cmd), flush=True)
         cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -127,7 +129,7 @@ def score(name: str, x: torch.Tensor | None, images_u8: np.ndarray, truth: np.nd
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=10.0, help="training minutes per model")
+    ap.add_argument("--minutes", type=float, default=10.0, help="training CPU minutes per model")
     ap.add_argument("--work", default=str(ROOT / "runs" / "scenes-inpaint"))
     ap.add_argument("--inpaint-run", help="an inpainting run to use instead of training one")
     ap.add_argument("--plain-run", help="a plain text run (e.g. runs/scenes/base16) instead of training one")

@@ -27,6 +27,9 @@ parameter counts equal the published ones (tests/nn/test_presets.py checks again
     glide/clip-image-enc                            86,443,776     GLIDE's noised CLIP, image tower (clip/image-enc)
     glide/clip-text-enc                             71,679,488     GLIDE's noised CLIP, text tower (clip/text-enc)
     glide/clip                                     158,123,265     both towers + logit_scale (what guidance loads)
+    karlo/prior                                  1,022,028,544     Karlo's unCLIP diffusion prior (causal transformer)
+    karlo/decoder                                  893,318,086     Karlo's unCLIP decoder, 64px (CLIP-conditioned U-Net)
+    karlo/sr-64-256                              1,383,159,046     Karlo's 64 -> 256 upsampler (2 x 691,579,523)
     ddpm-cifar10                                    35,746,307     DDPM (Ho et al.) in this architecture
     mnist-tiny                                         176,849     tests (8x8 .. 32x32, 1 channel)
     mnist-small                                      1,921,601     10-minute CPU training at 32x32
@@ -40,16 +43,21 @@ from torch import nn
 
 from difflab.nn.classifier import Classifier, ClassifierConfig
 from difflab.nn.clip import NoisedCLIPConfig, build_noised_clip
+from difflab.nn.clip_unet import DecoderUNet, DecoderUNetConfig
+from difflab.nn.prior import PriorConfig, PriorTransformer
+from difflab.nn.progressive_sr import ProgressiveSR, ProgressiveSRConfig
 from difflab.nn.text import TextEncoderConfig
 from difflab.nn.text_unet import TextUNet, TextUNetConfig
 from difflab.nn.unet import UNet, UNetConfig
 
 __all__ = [
     "RELEASED_FLAGS",
+    "KARLO_FLAGS",
     "NO_KEY_LISTING",
     "PRESETS",
     "config_from_official_flags",
     "config_from_official_kwargs",
+    "config_from_karlo_flags",
     "family_of",
     "get_preset",
     "build_network",
@@ -344,6 +352,98 @@ def config_from_official_kwargs(class_name: str, kwargs: dict[str, Any]) -> UNet
     return cfg
 
 
+# Karlo (kakaobrain/karlo): the YAML config of each released checkpoint (configs/prior_1B_vit_l.yaml,
+# decoder_900M_vit_l.yaml, improved_sr_64_256_1.4B.yaml) as released.json lists it. The network comes from
+# model.hparams (config_from_karlo_flags); the diffusion / sampling sections are kept for the pipelines.
+_KARLO_COSINE = dict(steps=1000, noise_schedule="squaredcos_cap_v2", use_kl=False)
+KARLO_FLAGS: dict[str, dict[str, Any]] = {
+    "karlo/prior": dict(
+        model=dict(type="prior", diffusion_sampler="uniform", hparams=dict(
+            text_ctx=77, xf_width=2048, xf_layers=20, xf_heads=32, xf_final_ln=True, text_drop=0.2, clip_dim=768)),
+        diffusion=dict(_KARLO_COSINE, learn_sigma=False, sigma_small=True, predict_xstart=True,
+                       rescale_learned_sigmas=False, timestep_respacing="")),
+    "karlo/decoder": dict(
+        model=dict(type="t2i-decoder", diffusion_sampler="uniform", hparams=dict(
+            image_size=64, num_channels=320, num_res_blocks=3, channel_mult="", attention_resolutions="32,16,8",
+            num_heads=-1, num_head_channels=64, num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.1,
+            clip_dim=768, clip_emb_mult=4, text_ctx=77, xf_width=1536, xf_layers=0, xf_heads=0, xf_final_ln=False,
+            resblock_updown=True, learn_sigma=True, text_drop=0.3, clip_emb_type="image", clip_emb_drop=0.1,
+            use_plm=True)),
+        diffusion=dict(_KARLO_COSINE, learn_sigma=True, sigma_small=False, predict_xstart=False,
+                       rescale_learned_sigmas=True, timestep_respacing="")),
+    "karlo/sr-64-256": dict(
+        model=dict(type="improved_sr_64_256", diffusion_sampler="uniform", hparams=dict(
+            channels=320, depth=3, channels_multiple=[1, 2, 3, 4], dropout=0.0)),
+        diffusion=dict(_KARLO_COSINE, learn_sigma=False, sigma_small=True, predict_xstart=False,
+                       rescale_learned_sigmas=True, timestep_respacing="7"),
+        sampling=dict(timestep_respacing="7", clip_denoise=True)),
+}
+# model.hparams keys of each Karlo model type; the ones that do not change the network at inference are read and
+# ignored: text_drop (caption dropout in training), and the decoder's xf_layers / xf_heads / xf_final_ln / use_plm
+# (no text transformer: CLIP's features replace it) and clip_emb_type (only "image" exists)
+_KARLO_HPARAMS = {
+    "prior": {"text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln", "text_drop", "clip_dim"},
+    "t2i-decoder": {"image_size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions",
+                    "num_heads", "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "dropout",
+                    "clip_dim", "clip_emb_mult", "text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln",
+                    "resblock_updown", "learn_sigma", "text_drop", "clip_emb_type", "clip_emb_drop", "use_plm"},
+    "improved_sr_64_256": {"channels", "depth", "channels_multiple", "dropout"},
+}
+
+
+def config_from_karlo_flags(flags: dict[str, Any]) -> PriorConfig | DecoderUNetConfig | ProgressiveSRConfig:
+    """The difflab config of a Karlo YAML config (``{"model": {"type", "hparams"}, ...}``), by Karlo's rules.
+
+    - ``prior``: ``PriorDiffusionModel``'s ``PriorTransformer`` (:class:`PriorConfig`).
+    - ``t2i-decoder``: ``Text2ImProgressiveModel.create_plm_dec_model`` (:class:`DecoderUNetConfig`): ``channel_mult``
+      "" is (1, 2, 3, 4) at 64px (GLIDE's table), attention resolutions in pixels become downsample rates
+      image_size // res, 6 output channels with ``learn_sigma``.
+    - ``improved_sr_64_256``: ``ImprovedSupRes64to256ProgressiveModel``'s two ``SuperResUNetModel``s
+      (:class:`ProgressiveSRConfig`): no attention, residual up/down blocks, 3 output channels, 256px.
+    """
+    model = flags.get("model") if isinstance(flags, dict) else None
+    if not isinstance(model, dict) or model.get("type") not in _KARLO_HPARAMS:
+        got = model.get("type") if isinstance(model, dict) else model
+        raise ValueError(f"model.type={got!r} is invalid; valid: {', '.join(_KARLO_HPARAMS)}")
+    kind, hp = model["type"], dict(model.get("hparams") or {})
+    unknown = sorted(set(hp) - _KARLO_HPARAMS[kind])
+    if unknown:
+        raise ValueError(f"unknown {kind} hparam(s) {unknown}; valid: {', '.join(sorted(_KARLO_HPARAMS[kind]))}")
+    if kind == "prior":
+        cfg: PriorConfig | DecoderUNetConfig | ProgressiveSRConfig = PriorConfig(
+            text_ctx=hp["text_ctx"], xf_width=hp["xf_width"], xf_layers=hp["xf_layers"], xf_heads=hp["xf_heads"],
+            xf_final_ln=hp["xf_final_ln"], clip_dim=hp["clip_dim"])
+    elif kind == "t2i-decoder":
+        if hp.get("clip_emb_type", "image") != "image":
+            raise ValueError(f"clip_emb_type={hp['clip_emb_type']!r} is invalid; valid: 'image'")
+        size = hp["image_size"]
+        if hp["channel_mult"] in ("", None):
+            mult = _mult(_GLIDE_MULT, size)
+        else:
+            mult = tuple(int(m) for m in str(hp["channel_mult"]).split(","))
+            if 2 ** (len(mult) + 2) != size:  # the official assertion
+                raise ValueError(f"channel_mult={hp['channel_mult']!r} is invalid for image_size={size}; valid: "
+                                 f"{size.bit_length() - 3} levels (2 ** (levels + 2) == image_size) or ''")
+        nhc = hp["num_head_channels"]
+        heads = 1 if nhc != -1 and hp["num_heads"] == -1 else hp["num_heads"]  # unused when nhc is set
+        cfg = DecoderUNetConfig(
+            in_channels=3, model_channels=hp["num_channels"], channel_mult=mult, num_res_blocks=hp["num_res_blocks"],
+            attention_resolutions=_ds(hp["attention_resolutions"], size), num_heads=heads, num_head_channels=nhc,
+            num_heads_upsample=_heads_upsample(hp["num_heads_upsample"], hp["num_heads"], nhc),
+            dropout=float(hp["dropout"]), use_scale_shift_norm=hp["use_scale_shift_norm"],
+            resblock_updown=hp["resblock_updown"], learn_sigma=bool(hp["learn_sigma"]), image_size=size,
+            clip_dim=hp["clip_dim"], xf_width=hp["xf_width"], text_ctx=hp["text_ctx"],
+            clip_emb_mult=hp["clip_emb_mult"], clip_emb_drop=float(hp["clip_emb_drop"]))
+    else:
+        cfg = ProgressiveSRConfig(unet=UNetConfig(
+            in_channels=3, model_channels=hp["channels"], channel_mult=tuple(hp["channels_multiple"]),
+            num_res_blocks=hp["depth"], attention_resolutions=(), dropout=float(hp["dropout"]),
+            use_scale_shift_norm=False, resblock_updown=True, use_middle_attention=False, out_channels=3,
+            low_res_channels=3, image_size=256))
+    cfg.validate()
+    return cfg
+
+
 def family_of(name: str) -> str:
     """The official family of a released preset name (see ``config_from_official_flags``)."""
     repo, _, what = name.partition("/")
@@ -379,6 +479,8 @@ PRESETS.update({
     # writes and CLIP guidance loads
     "glide/clip": config_from_official_flags({}, "glide-clip"),
 })
+# Karlo's released prior, decoder and 64 -> 256 upsampler (KARLO_FLAGS)
+PRESETS.update({name: config_from_karlo_flags(flags) for name, flags in KARLO_FLAGS.items()})
 
 
 def get_preset(name: str) -> UNetConfig | ClassifierConfig:
@@ -390,13 +492,21 @@ def get_preset(name: str) -> UNetConfig | ClassifierConfig:
 
 def build_network(config: UNetConfig | ClassifierConfig) -> nn.Module:
     """``UNet``, ``TextUNet``, ``Classifier`` or a noised CLIP (:func:`difflab.nn.clip.build_noised_clip`) for a
-    config (call under ``torch.device('meta')`` to allocate nothing)."""
+    config, or Karlo's ``PriorTransformer``, ``DecoderUNet``, ``ProgressiveSR`` (call under ``torch.device('meta')``
+    to allocate nothing)."""
     if isinstance(config, NoisedCLIPConfig):
         return build_noised_clip(config)
+    if isinstance(config, PriorConfig):
+        return PriorTransformer(config)
+    if isinstance(config, ProgressiveSRConfig):
+        return ProgressiveSR(config)
+    if isinstance(config, DecoderUNetConfig):
+        return DecoderUNet(config)
     if isinstance(config, ClassifierConfig):
         return Classifier(config)
     if isinstance(config, TextUNetConfig):
         return TextUNet(config)
     if isinstance(config, UNetConfig):
         return UNet(config)
-    raise ValueError(f"config must be a UNetConfig, ClassifierConfig or NoisedCLIPConfig, got {type(config).__name__}")
+    raise ValueError("config must be a UNetConfig, ClassifierConfig, NoisedCLIPConfig, PriorConfig or "
+                     f"ProgressiveSRConfig, got {type(config).__name__}")

@@ -90,13 +90,14 @@ class LayerNorm32(nn.LayerNorm):
 
 
 class MultiheadAttention(nn.Module):
-    """Non-causal multi-head self-attention without a mask (official ``xf.MultiheadAttention``).
+    """Multi-head self-attention (official ``xf.MultiheadAttention``; GLIDE's is non-causal and unmasked).
 
     ``c_qkv`` is read per head, [h0: q k v | h1: q k v | ...] (the legacy head-major layout of
     ``QKVMultiheadAttention``), not [Q | K | V]. Scores q.k / sqrt(C) (the official code puts
     C^-1/4 on q and on k: the same up to rounding), softmax over keys.
 
-    Shapes: x [N, L, W] -> [N, L, W].
+    Shapes: x [N, L, W] -> [N, L, W]; ``mask`` (optional) [N, L, L] bool, True = query i may attend key j
+    (Karlo's prior: causal and padded keys off; the official additive 0 / -inf mask).
     """
 
     def __init__(self, width: int, heads: int):
@@ -105,11 +106,12 @@ class MultiheadAttention(nn.Module):
         self.c_qkv = nn.Linear(width, width * 3)
         self.c_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
         n, length, width = x.shape
         qkv = self.c_qkv(x).view(n, length, self.heads, 3 * (width // self.heads))
         q, k, v = (p.transpose(1, 2) for p in qkv.chunk(3, dim=-1))  # [N, H, L, C] each
-        out = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, C]
+        attn_mask = None if mask is None else mask[:, None]  # [N, 1, L, L]: the same for every head
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask)  # [N, H, L, C]
         return self.c_proj(out.transpose(1, 2).reshape(n, length, width))
 
 
@@ -126,7 +128,7 @@ class MLP(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). [N, L, W] -> [N, L, W]."""
+    """Pre-LN block: x + attn(ln_1(x), mask), then x + mlp(ln_2(x)). [N, L, W] -> [N, L, W]."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -135,21 +137,22 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = MLP(width)
         self.ln_2 = LayerNorm32(width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
+        x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """``layers`` residual attention blocks in ``resblocks`` (official ``xf.Transformer``). [N, L, W] -> same."""
+    """``layers`` residual attention blocks in ``resblocks`` (official ``xf.Transformer``). [N, L, W] -> same;
+    ``mask`` [N, L, L] bool (True = attend) reaches every block (see :class:`MultiheadAttention`)."""
 
     def __init__(self, width: int, layers: int, heads: int):
         super().__init__()
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
         for block in self.resblocks:
-            x = block(x)
+            x = block(x, mask)
         return x
 
 

@@ -64,7 +64,7 @@ class BackboneConfig:
     # Residual blocks per level in the downsampling half ("depth" in ADM Tab. 1); upsampling has +1.
     num_res_blocks: int = 2
     # Downsample rates ds (not pixel sizes) with attention, e.g. (2, 4) = 16x16 and 8x8 at 32px; a rate no
-    # level has is ignored (as officially). The middle block always has attention.
+    # level has is ignored (as officially). The middle block has attention unless use_middle_attention is False.
     attention_resolutions: tuple[int, ...] = (2,)
     # Heads per attention layer when num_head_channels == -1 (it must divide the widths that have attention).
     num_heads: int = 1
@@ -84,6 +84,9 @@ class BackboneConfig:
     use_checkpoint: bool = False
     # GroupNorm groups; 32 in every official model (every width must be divisible by it).
     num_groups: int = 32
+    # Attention between the middle block's two residual blocks (every OpenAI model); False = two residual blocks
+    # only (Karlo's 64 -> 256 upsampler, whose keys are middle_block.0 and .1).
+    use_middle_attention: bool = True
 
     def widths(self) -> list[int]:
         """Channel width of every level: int(mult * model_channels)."""
@@ -132,11 +135,12 @@ class BackboneConfig:
         if nhc != -1 and (not isinstance(nhc, int) or isinstance(nhc, bool) or nhc < 1):
             raise _bad("num_head_channels", nhc, "-1 (use num_heads) or an integer >= 1")
         # only the widths that have attention are checked (official): the levels in attention_resolutions
-        # and the middle block, whose attention is always there
-        self._check_heads([*self.attention_widths(), self.widths()[-1]], "num_heads", self.num_heads,
+        # and the middle block, whose attention is there unless use_middle_attention is False
+        middle = [self.widths()[-1]] if self.use_middle_attention else []
+        self._check_heads([*self.attention_widths(), *middle], "num_heads", self.num_heads,
                           " (levels in attention_resolutions and the middle block)")
         for name in ("use_new_attention_order", "use_scale_shift_norm", "resblock_updown",
-                     "conv_resample", "use_checkpoint"):
+                     "conv_resample", "use_checkpoint", "use_middle_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")
 
@@ -270,7 +274,7 @@ def build_encoder_half(cfg: BackboneConfig, in_ch: int, encoder_channels: int | 
             feature_size += ch
     middle_block = TimestepEmbedSequential(
         _resblock(cfg, ch, emb_dim),
-        _attention(cfg, ch, encoder_channels),
+        *([_attention(cfg, ch, encoder_channels)] if cfg.use_middle_attention else []),
         _resblock(cfg, ch, emb_dim),
     )
     feature_size += ch
@@ -335,6 +339,8 @@ class UNet(nn.Module):
         context_mask: torch.Tensor | None = None,
         inpaint_image: torch.Tensor | None = None,
         inpaint_mask: torch.Tensor | None = None,
+        *,
+        emb_extra: torch.Tensor | None = None,
         **extra: Any,
     ) -> torch.Tensor:
         """Apply the network.
@@ -348,6 +354,8 @@ class UNet(nn.Module):
             context: [N, S, encoder_channels] context tokens for every attention layer.
             context_mask: [N, S] bool, True = attend (None = attend to all tokens).
             inpaint_image, inpaint_mask: [N, C, H, W] and [N, 1, H, W] (zeros when None, as GLIDE).
+            emb_extra: [N, 4 * model_channels] added to the time embedding as it is: the sum of a subclass's own
+                projections of its conditioning (unCLIP's decoder, ``difflab.nn.clip_unet``).
         Returns:
             [N, out_channels, H, W] raw output.
         """
@@ -372,6 +380,8 @@ class UNet(nn.Module):
                 emb = emb + self.cond_proj(cond)
         elif cond is not None:
             raise ValueError("cond was given but the model has cond_dim=None")
+        if emb_extra is not None:
+            emb = emb + emb_extra.to(emb.dtype)
         if context is not None:
             if cfg.encoder_channels is None:
                 raise ValueError("context was given but the model has encoder_channels=None")

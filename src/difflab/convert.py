@@ -37,7 +37,10 @@ from difflab.config import from_dict, save_config
 from difflab.fileio import atomic_write_with, require_new_folder
 from difflab.nn.classifier import ClassifierConfig
 from difflab.nn.clip import NoisedCLIPConfig
+from difflab.nn.clip_unet import DecoderUNetConfig
 from difflab.nn.presets import build_network, config_from_official_flags, get_preset
+from difflab.nn.prior import PriorConfig
+from difflab.nn.progressive_sr import ProgressiveSRConfig
 from difflab.nn.text_unet import TextUNetConfig
 from difflab.nn.unet import UNetConfig
 from difflab.safeload import load_weights_only
@@ -61,6 +64,7 @@ __all__ = [
     "glide_vocab_folder",
     "clip_vocab_file",
     "convert_noised_clip",
+    "check_karlo_state_dict",
 ]
 
 # Official key prefix -> difflab key prefix. improved-/guided-diffusion keys are difflab keys as they are;
@@ -335,7 +339,8 @@ def convert_checkpoint(
     """Convert an official ``.pt`` state dict into a difflab checkpoint folder.
 
     Args:
-        pt_path: the official checkpoint (a plain state dict saved with ``torch.save``); for GLIDE's noised CLIP
+        pt_path: the official checkpoint (a plain state dict saved with ``torch.save``; Karlo's ``.ckpt``, presets
+            ``karlo/*``: ``{"state_dict": ...}``, see :func:`check_karlo_state_dict`); for GLIDE's noised CLIP
             (preset ``glide/clip``) the two released files, see :func:`convert_noised_clip`.
         preset_or_config: a preset name of ``difflab.nn.presets`` or a config.
         out_dir: the folder to write ``model.safetensors`` and ``config.yaml`` into.
@@ -370,7 +375,10 @@ def convert_checkpoint(
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of key -> tensor)")
     with torch.device("meta"):
         model = build_network(config)
-    mapped = check_state_dict(model, sd)
+    if isinstance(config, _KARLO_CONFIGS):  # a Karlo .ckpt: {"state_dict": ...} under "model."
+        mapped = check_karlo_state_dict(model, sd, path)
+    else:
+        mapped = check_state_dict(model, sd)
     meta = {"source": path.name, "format": "pt"}
     if isinstance(preset_or_config, str):
         meta["preset"] = preset_or_config
@@ -378,6 +386,45 @@ def convert_checkpoint(
     if vocab_folder is not None:
         _copy_vocab(vocab_folder, out)
     return out
+
+
+# Karlo's networks (kakaobrain/karlo): each released .ckpt holds {"state_dict": ...}, the prior and the decoder under
+# "model." (PriorDiffusionModel.model, Text2ImProgressiveModel.model); the upsampler's two U-Nets under
+# "model_first_steps." / "model_last_step.", which are ProgressiveSR's own names. A key that tells each file apart:
+_KARLO_CONFIGS = (PriorConfig, DecoderUNetConfig, ProgressiveSRConfig)
+_KARLO_FILES = {"model.prd_emb": ("prior", "karlo/prior"), "model.clip_tok_proj.weight": ("decoder", "karlo/decoder"),
+                "model_first_steps.out.2.weight": ("64 -> 256 upsampler", "karlo/sr-64-256")}
+
+
+def check_karlo_state_dict(model: nn.Module, ckpt: Any,
+                           path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+    """:func:`check_state_dict` for a Karlo ``.ckpt`` and one of difflab's Karlo networks (``PriorTransformer``,
+    ``DecoderUNet``, ``ProgressiveSR``): ``ckpt["state_dict"]`` (or ``ckpt`` itself, a bare state dict), with the
+    ``model.`` prefix taken off for the prior and the decoder, checked key for key and shape for shape.
+
+    Returns:
+        the state dict under difflab keys (``model.load_state_dict(..., strict=True)`` takes it).
+    Raises:
+        ValueError when ``ckpt`` is no state dict or does not fit ``model`` (one line: the missing and unexpected
+        keys, and the preset that fits when the file is another Karlo network's).
+    """
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else ckpt
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a Karlo checkpoint (a mapping with a state_dict)")
+    config = getattr(model, "config", None)
+    if not isinstance(config, _KARLO_CONFIGS):
+        raise ValueError(f"{type(model).__name__} is not one of Karlo's networks (PriorTransformer, DecoderUNet, "
+                         "ProgressiveSR)")
+    mapped = dict(sd) if isinstance(config, ProgressiveSRConfig) else {k.removeprefix("model."): v
+                                                                       for k, v in sd.items()}
+    try:
+        return check_state_dict(model, mapped)
+    except ValueError as e:
+        wanted = {PriorConfig: "prior", DecoderUNetConfig: "decoder"}.get(type(config), "64 -> 256 upsampler")
+        held = next((found for key, found in _KARLO_FILES.items() if key in sd), None)
+        if held is None or held[0] == wanted:
+            raise
+        raise ValueError(f"{e}; {path} is Karlo's {held[0]} checkpoint, not the {wanted}: --preset {held[1]}") from None
 
 
 # GLIDE's noised CLIP: the state-dict key that tells each released file's tower, and CLIP's BPE vocabulary file
@@ -494,6 +541,10 @@ def converted_network_config(out_dir: str | os.PathLike) -> UNetConfig | Classif
         raise ValueError(f"{cfg_path} is not a mapping of config fields")
     if "n_xf_blocks_image" in d:  # GLIDE's noised CLIP (convert_noised_clip)
         return from_dict(NoisedCLIPConfig, d)
+    if "clip_dim" in d:  # Karlo's prior or decoder; its upsampler is the pair of U-Nets under "unet"
+        return from_dict(DecoderUNetConfig if "model_channels" in d else PriorConfig, d)
+    if "unet" in d:
+        return from_dict(ProgressiveSRConfig, d)
     return from_dict(ClassifierConfig if "pool" in d else TextUNetConfig if "text" in d else UNetConfig, d)
 
 
@@ -561,6 +612,9 @@ def converted_run_config(folder: str | os.PathLike):
     if isinstance(net, NoisedCLIPConfig):
         raise ValueError(f"{out} holds a converted noised CLIP, not a diffusion U-Net: guide a text run with it "
                          "(difflab sample RUN --prompt TEXT --clip FOLDER --clip-scale S)")
+    if isinstance(net, _KARLO_CONFIGS):
+        raise ValueError(f"{out} holds a converted Karlo (unCLIP) network; its sampling pipeline is not built yet "
+                         "(docs/unclip.md): load it in Python with difflab.convert.load_converted")
     preset = _converted_preset(out)
     if preset not in OFFICIAL_DIFFUSION:
         raise _unknown_preset(out, preset, OFFICIAL_DIFFUSION)

@@ -179,19 +179,25 @@ def _heads_upsample(num_heads_upsample: Any, num_heads: Any, num_head_channels: 
     return num_heads_upsample
 
 
+def _glide_mult(channel_mult: Any, size: int) -> tuple:
+    """GLIDE's (and Karlo's decoder's) channel_mult rule: '' is the default per image size, otherwise as many
+    levels as 2 ** (levels + 2) == image_size (the official assertion)."""
+    if channel_mult in ("", None):
+        return _mult(_GLIDE_MULT, size)
+    mult = tuple(int(m) for m in str(channel_mult).split(","))
+    if 2 ** (len(mult) + 2) != size:
+        raise ValueError(f"channel_mult={channel_mult!r} is invalid for image_size={size}; valid: "
+                         f"{size.bit_length() - 3} levels (2 ** (levels + 2) == image_size) or ''")
+    return mult
+
+
 def _glide_config(flags: dict[str, Any]) -> TextUNetConfig:
     """glide_text2im.model_creation.create_model's rules: the default channel_mult per image size, attention
     resolutions in pixels, in_channels 3 and out_channels 6 (eps + learned-range variance), the class chosen by
     ``inpaint`` / ``super_res``; ``use_fp16`` and ``cache_text_emb`` do not change the function."""
     f = {**_MODEL_DEFAULTS["glide"], **flags}
     size = f["image_size"]
-    if f["channel_mult"] in ("", None):
-        mult = _mult(_GLIDE_MULT, size)
-    else:
-        mult = tuple(int(m) for m in str(f["channel_mult"]).split(","))
-        if 2 ** (len(mult) + 2) != size:  # the official assertion
-            raise ValueError(f"channel_mult={f['channel_mult']!r} is invalid for image_size={size}; valid: "
-                             f"{size.bit_length() - 3} levels (2 ** (levels + 2) == image_size) or ''")
+    mult = _glide_mult(f["channel_mult"], size)
     return TextUNetConfig(
         in_channels=3, model_channels=f["num_channels"], channel_mult=mult, num_res_blocks=f["num_res_blocks"],
         attention_resolutions=_ds(f["attention_resolutions"], size), num_heads=f["num_heads"],
@@ -417,13 +423,7 @@ def config_from_karlo_flags(flags: dict[str, Any]) -> PriorConfig | DecoderUNetC
         if hp.get("clip_emb_type", "image") != "image":
             raise ValueError(f"clip_emb_type={hp['clip_emb_type']!r} is invalid; valid: 'image'")
         size = hp["image_size"]
-        if hp["channel_mult"] in ("", None):
-            mult = _mult(_GLIDE_MULT, size)
-        else:
-            mult = tuple(int(m) for m in str(hp["channel_mult"]).split(","))
-            if 2 ** (len(mult) + 2) != size:  # the official assertion
-                raise ValueError(f"channel_mult={hp['channel_mult']!r} is invalid for image_size={size}; valid: "
-                                 f"{size.bit_length() - 3} levels (2 ** (levels + 2) == image_size) or ''")
+        mult = _glide_mult(hp["channel_mult"], size)
         nhc = hp["num_head_channels"]
         heads = 1 if nhc != -1 and hp["num_heads"] == -1 else hp["num_heads"]  # unused when nhc is set
         cfg = DecoderUNetConfig(

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from difflab.nn.layers import timestep_embedding
-from difflab.nn.text import LayerNorm32, Transformer
+from difflab.nn.text import LayerNorm32, Transformer, validate_transformer_fields
 from difflab.nn.unet import _bad
 
 __all__ = ["PriorConfig", "PriorTransformer", "PRIOR_EXTRA_TOKENS"]
@@ -64,14 +64,7 @@ class PriorConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and its valid values."""
-        for name in ("text_ctx", "xf_width", "xf_layers", "xf_heads", "clip_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise _bad(name, v, "an integer >= 1")
-        if self.xf_width % self.xf_heads:
-            divisors = [d for d in range(1, self.xf_width + 1) if self.xf_width % d == 0]
-            shown = ", ".join(map(str, divisors[:12])) + (", ..." if len(divisors) > 12 else "")
-            raise _bad("xf_heads", self.xf_heads, f"a divisor of xf_width={self.xf_width} ({shown})")
+        validate_transformer_fields(self, ("text_ctx", "xf_width", "xf_layers", "xf_heads", "clip_dim"))
         if not isinstance(self.xf_final_ln, bool):
             raise _bad("xf_final_ln", self.xf_final_ln, "True or False")
 

@@ -31,6 +31,7 @@ from difflab.nn.unet import _bad
 __all__ = [
     "GPT2_N_VOCAB",
     "TextEncoderConfig",
+    "validate_transformer_fields",
     "LayerNorm32",
     "MultiheadAttention",
     "MLP",
@@ -64,17 +65,23 @@ class TextEncoderConfig:
 
     def validate(self, prefix: str = "") -> None:
         """Raise ValueError naming the first bad field (as ``prefix + name``) and its valid values."""
-        for name in ("text_ctx", "xf_width", "xf_layers", "xf_heads", "n_vocab"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise _bad(prefix + name, v, "an integer >= 1")
-        if self.xf_width % self.xf_heads:
-            divisors = [d for d in range(1, self.xf_width + 1) if self.xf_width % d == 0]
-            shown = ", ".join(map(str, divisors[:12])) + (", ..." if len(divisors) > 12 else "")
-            raise _bad(prefix + "xf_heads", self.xf_heads, f"a divisor of xf_width={self.xf_width} ({shown})")
+        validate_transformer_fields(self, ("text_ctx", "xf_width", "xf_layers", "xf_heads", "n_vocab"), prefix)
         for name in ("xf_final_ln", "xf_padding"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(prefix + name, getattr(self, name), "True or False")
+
+
+def validate_transformer_fields(cfg, int_fields: tuple[str, ...], prefix: str = "") -> None:
+    """The checks every transformer config shares: each of ``int_fields`` an integer >= 1, and ``xf_heads`` a
+    divisor of ``xf_width`` (ValueError naming ``prefix + field`` and the valid values)."""
+    for name in int_fields:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise _bad(prefix + name, v, "an integer >= 1")
+    if cfg.xf_width % cfg.xf_heads:
+        divisors = [d for d in range(1, cfg.xf_width + 1) if cfg.xf_width % d == 0]
+        shown = ", ".join(map(str, divisors[:12])) + (", ..." if len(divisors) > 12 else "")
+        raise _bad(prefix + "xf_heads", cfg.xf_heads, f"a divisor of xf_width={cfg.xf_width} ({shown})")
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -369,7 +369,9 @@ def convert_checkpoint(
     text = isinstance(config, TextUNetConfig)
     if vocab is not None and not text:
         raise ValueError("--vocab: only for a GLIDE text U-Net (presets glide/...)")
-    vocab_folder = glide_vocab_folder(vocab) if text else None
+    # a released GLIDE preset needs its tokenizer to sample; a network converted from a config takes one if given
+    preset = isinstance(preset_or_config, str)
+    vocab_folder = glide_vocab_folder(vocab) if text and (preset or vocab is not None) else None
     sd = load_weights_only(path, what="official checkpoint")
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of key -> tensor)")

@@ -569,6 +569,8 @@ class SampleConfig:
     aug_level: int = 0
     # seeds the sampling noise
     seed: int = 0
+    # x_T ~ N(0, temperature^2 I): GLIDE's upsampler notebook draws its start at 0.997 (upsample_temp); 1 = the model
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _normalise(self)
@@ -582,8 +584,6 @@ class SampleConfig:
                 raise ConfigError(("steps",), str(e)) from None
         _require(self, 0 < self.temperature <= 2 and self.temperature == self.temperature, "temperature",
                  "must be in (0, 2]")
-    # x_T ~ N(0, temperature^2 I): GLIDE's upsampler notebook draws its start at 0.997 (upsample_temp); 1 = the model
-    temperature: float = 1.0
         _require(self, self.eta >= 0, "eta", "must be >= 0")
         _require(self, self.n >= 1, "n", "must be >= 1")
         _require(self, self.batch >= 1, "batch", "must be >= 1")
@@ -627,10 +627,6 @@ class Config:
             raise ConfigError(
                 ("sample", "steps"), f"must be <= diffusion.steps={self.diffusion.steps}",
             )
-        self._check_model_fits()
-        rate = self.sample.ema_rate
-        if rate is not None and rate not in self.train.ema_rates:
-            rates = list(self.train.ema_rates)
         if isinstance(self.sample.steps, str):
             from difflab.schedules import space_timesteps
 
@@ -638,6 +634,10 @@ class Config:
                 space_timesteps(self.diffusion.steps, self.sample.steps)
             except ValueError as e:
                 raise ConfigError(("sample", "steps"), f"{e} (diffusion.steps={self.diffusion.steps})") from None
+        self._check_model_fits()
+        rate = self.sample.ema_rate
+        if rate is not None and rate not in self.train.ema_rates:
+            rates = list(self.train.ema_rates)
             raise ConfigError(("sample", "ema_rate"), f"must be one of train.ema_rates {rates}; got {rate}")
 
 

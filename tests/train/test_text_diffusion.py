@@ -115,3 +115,22 @@ def test_a_text_cascade_in_one_command_equals_its_stages(runs, tmp_path):
                  "--quiet"]) == 0
     with np.load(tmp_path / "c.npz") as a, np.load(tmp_path / "s.npz") as b:
         assert a["arr_0"].shape == (4, 32, 32, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_an_empty_prompt_is_the_unconditional_sample(runs, capsys):
+    """GLIDE: the empty caption is the null, so "" samples the unconditional model and any guidance w leaves it
+    unchanged ((1 + w) eps(x, "") - w eps(x, "") = eps(x, "")); a prompt on a model without text is one line."""
+    cfg, _, denoiser = load_run(runs["base"])
+    kw = dict(n=2, sampler="ddim", steps=3, seed=4, prompts=[""])
+    x0, _ = draw_samples(denoiser, cfg, guidance_scale=0.0, **kw)
+    x3, _ = draw_samples(denoiser, cfg, guidance_scale=3.0, **kw)
+    torch.testing.assert_close(x3, x0, atol=1e-5, rtol=0)
+    tokens, mask = build_tokenizer(cfg).padded_tokens_and_mask("", cfg.model.text.text_ctx)
+    assert list(mask).count(True) == 2  # SOT + EOT only: the caption the dropped training examples saw
+    mnist = ROOT / "configs" / "mnist-tiny.yaml"
+    run = runs["root"] / "mnist"
+    assert main(["train", str(mnist), "--out", str(run), "--quiet", "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", "a red 7", "--npz", str(runs["root"] / "m.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not text-conditional" in err[0]

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -111,15 +110,3 @@ def server(runs, tmp_path_factory):
     srv.gallery = work / "gallery"
     yield srv
     srv.stop()
-
-
-def wait_until(check, timeout: float = 10.0, every: float = 0.05):
-    """Poll ``check()`` until it returns a truthy value (returned) or the time runs out (AssertionError)."""
-    end = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"still not true after {timeout} s: {check}")
-        time.sleep(every)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 
 import httpx
 import numpy as np
@@ -59,3 +60,15 @@ def gallery_images(url: str, entry_id: str) -> np.ndarray:
     assert r.status_code == 200, r.text
     with np.load(io.BytesIO(r.content)) as f:
         return f["arr_0"]
+
+
+def wait_until(check, timeout: float = 10.0, every: float = 0.05):
+    """Poll ``check()`` until it returns a truthy value (returned) or the time runs out (AssertionError)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"still not true after {timeout} s: {check}")
+        time.sleep(every)

@@ -9,8 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import wait_until
-from serve_helpers import events
+from serve_helpers import events, wait_until
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLIENTS = 20

@@ -33,11 +33,11 @@ class Limits:
     # characters of a prompt
     max_prompt: int = 256
     # bytes of an uploaded image
-    max_upload_bytes: int = 4 * 1024 * 1024
+    max_upload_bytes: int = 4_000_000
     # width x height of an uploaded image (checked before it is decoded)
     max_upload_pixels: int = 1024 * 1024
     # bytes of a JSON request
-    max_json_bytes: int = 64 * 1024
+    max_json_bytes: int = 64_000
     # jobs waiting per model
     max_queue: int = 64
     # guidance scales (classifier-free w, classifier s) and DDIM eta

@@ -116,7 +116,7 @@ function buildStages(m) {
     const steps = typeof st.defaults.steps === "number" ? st.defaults.steps
       : parseInt(String(st.defaults.steps).replace(/^\D+/, ""), 10);
     const fields = [
-      el("div", { class: "field" }, el("label", { text: "Sampler" }), sampler),
+      el("div", { class: "field wide" }, el("label", { text: "Sampler" }), sampler),
       el("div", { class: "field" }, el("label", { text: "Steps" }),
          el("input", { id: `stage-${k}-steps`, type: "number", min: 1, max: st.T, value: steps })),
       el("div", { class: "field" }, el("label", { text: "Guidance" }),
@@ -211,6 +211,8 @@ async function runJob(asB = false) {
   $("job-idle").hidden = true;
   $("job").hidden = false;
   $("result").hidden = true;
+  document.querySelector(".previews").hidden = false;
+  $("cancel").hidden = false;
   $("preview").removeAttribute("src");
   $("job-bar").style.width = "0";
   $("job-status").textContent = "Sending\u2026";
@@ -249,6 +251,7 @@ function finishJob() {
   state.job = null;
   state.abort = null;
   setJobUI(false);
+  pollStatus();
 }
 
 window.difflabEvents = [];  // the names of the events received (the browser tests read them)
@@ -280,6 +283,8 @@ function onJobEvent(name, data) {
     status.textContent = `Done in ${fmtSeconds(data.entry.seconds)}`;
     $("job-bar").style.width = "100%";
     $("job-eta").textContent = "";
+    document.querySelector(".previews").hidden = true;  // the result below replaces the last x0^
+    $("cancel").hidden = true;
     showResult(data.entry);
     addToGallery(data.entry);
     if (state.wantB) setCompare("b", data.entry);
@@ -293,10 +298,12 @@ function onJobEvent(name, data) {
 }
 
 $("cancel").addEventListener("click", async () => {
+  const abort = state.abort;  // this job's stream, not the next one's
   if (state.job) {
     try { await api(`/api/jobs/${state.job}/cancel`, { method: "POST" }); } catch (_) { /* gone already */ }
   }
-  setTimeout(() => { if (state.abort) state.abort.abort(); }, 3000);  // the stream says "cancelled" first
+  // the stream says "cancelled" at the job's next step; if it has not ended by then, closing it cancels too
+  setTimeout(() => { if (abort && state.abort === abort) abort.abort(); }, 3000);
 });
 
 // ---- results and the gallery ------------------------------------------------------------------------------
@@ -360,20 +367,29 @@ function tile(entry) {
 function addToGallery(entry) {
   const box = $("gallery");
   box.prepend(tile(entry));
-  $("gallery-count").textContent = `${box.children.length} results`;
+  countGallery();
 }
 
 async function loadGallery() {
   const { entries } = await api("/api/gallery");
   $("gallery").replaceChildren(...entries.map(tile));
-  $("gallery-count").textContent = `${entries.length} results`;
+  countGallery();
+}
+
+function countGallery() {
+  const box = $("gallery"), n = box.querySelectorAll(".tile").length;
+  $("gallery-count").textContent = `${n} result${n === 1 ? "" : "s"}`;
+  const empty = box.querySelector(".empty");
+  if (!n && !empty) box.append(el("div", { class: "empty", text: "No results yet: every finished job lands here, "
+                                           + "with its settings and the command that draws it again." }));
+  if (n && empty) empty.remove();
 }
 
 async function deleteEntry(entry) {
   try { await api(`/api/gallery/${entry.id}`, { method: "DELETE" }); } catch (e) { showError(e.message); return; }
   const node = document.querySelector(`.tile[data-entry="${entry.id}"]`);
   if (node) node.remove();
-  $("gallery-count").textContent = `${$("gallery").children.length} results`;
+  countGallery();
 }
 
 function applySettings(entry) {
@@ -417,7 +433,8 @@ function setCompare(side, entry) {
   const rows = [["model", (e) => e.model]];
   const keys = new Set();
   for (const e of [a, b]) if (e) Object.keys(e.settings).forEach((k) => keys.add(k));
-  for (const k of keys) rows.push([k, (e) => JSON.stringify(e.settings[k] ?? null)]);
+  const shown = (v) => (v === null || v === undefined ? "\u2013" : typeof v === "string" ? v : JSON.stringify(v));
+  for (const k of keys) rows.push([k, (e) => shown(e.settings[k])]);
   rows.push(["seconds", (e) => String(e.seconds)]);
   const table = $("compare-table");
   table.replaceChildren(el("tr", {}, el("th", { text: "" }), el("th", { text: "A" }), el("th", { text: "B" })));
@@ -482,7 +499,12 @@ function paintAt(event) {
 }
 
 const canvas = $("mask-canvas");
-canvas.addEventListener("pointerdown", (e) => { state.inpaint.painting = true; canvas.setPointerCapture(e.pointerId); paintAt(e); });
+canvas.addEventListener("pointerdown", (e) => {
+  e.preventDefault();  // no text selection while painting
+  state.inpaint.painting = true;
+  canvas.setPointerCapture(e.pointerId);
+  paintAt(e);
+});
 canvas.addEventListener("pointermove", (e) => { if (state.inpaint.painting) paintAt(e); });
 canvas.addEventListener("pointerup", () => { state.inpaint.painting = false; });
 $("mask-clear").addEventListener("click", () => { state.inpaint.mask.fill(0); drawCanvas(); });
@@ -521,10 +543,11 @@ $("inpaint-file").addEventListener("change", (e) => {
 });
 
 async function inpaintFromEntry(entry) {
-  selectModel(entry.model);
+  if (state.model.name !== entry.model) selectModel(entry.model);  // the same model keeps the form as it is
   const blob = await (await fetch(fileUrl(entry, "image_0.png"))).blob();
+  $("inpaint-box").open = true;
+  $("inpaint-box").scrollIntoView({ block: "nearest" });
   await useSourceBlob(blob, `${entry.id}/image_0.png`);
-  $("inpaint-box").scrollIntoView({ behavior: "smooth", block: "center" });
 }
 
 async function uploadMask() {

@@ -194,3 +194,20 @@ def test_miniature_configs_fit_their_data():
         assert cfg.model.learn_sigma and cfg.diffusion.loss_type == "hybrid"
     adm = load_config(CONFIGS / "adm-64.yaml")
     assert adm.model.num_classes == 1000 and adm.model.model_channels == 192 and adm.train.lr == 3e-4
+
+
+@pytest.mark.parametrize("name, params", [("glide-base-3.5b", 3_554_414_086), ("glide-upsample-1.5b", 1_540_932_998),
+                                          ("glide-base-300m", 385_030_726)])
+def test_the_glide_configs_have_the_papers_sizes(name, params):
+    """GLIDE's 3.5B base (2.3B U-Net at 512 channels + 1.2B text transformer, 24 x 2048) and 1.5B upsampler
+    (384 channels, text width 1024), and the released 300M filtered model's shape, counted on the meta device."""
+    import torch
+
+    from difflab.nn.presets import build_network
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    with torch.device("meta"):
+        net = build_network(cfg.model)
+    assert sum(p.numel() for p in net.parameters()) == params
+    assert cfg.text.tokenizer == "gpt2" and cfg.model.text.n_vocab == 50257 and cfg.data.captions
+    assert cfg.train.parallel == ("ddp" if name.endswith("300m") else "fsdp")

@@ -1,6 +1,6 @@
 """Fixtures of the ``difflab serve`` tests: tiny trained runs (a class-conditional digits run with label
-dropout, a GLIDE-style text inpainting run on the scenes, a two-stage digits cascade) and one server on
-loopback serving them, started as ``python -m difflab serve ... --port 0`` in a subprocess."""
+dropout, a GLIDE-style text inpainting run on the scenes, a two-stage digits cascade, a noisy classifier) and one
+server on loopback serving them, started as ``python -m difflab serve ... --port 0`` in a subprocess."""
 
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def runs(tmp_path_factory):
     out = {"root": root, "digits": root / "digits", "scenes": root / "scenes"}
     _train(TINY, out["digits"], DIGITS)
     _train(INPAINT, out["scenes"], SMALL_INPAINT)
+    out["clf"] = root / "clf"  # a noisy classifier on the same schedule (cosine, T = 100), offered as guidance
+    _train(ROOT / "configs" / "digits-classifier.yaml", out["clf"], ["train.max_steps=4"])
     # a cascade 4x4 -> 8x8 of class-conditional digits (as tests/train/test_cascade.py)
     images, labels = load_digits8("train")
     small = torch.nn.functional.interpolate(uint8_to_float(images[..., None]), size=4, mode="area")
@@ -105,7 +107,7 @@ class Server:
 def server(runs, tmp_path_factory):
     """One server for the API, browser and load tests (each checks what it changes, not absolute counts)."""
     work = tmp_path_factory.mktemp("serve-cwd")
-    srv = Server([str(runs["digits"]), str(runs["scenes"]), str(runs["cascade"]), "--gallery",
+    srv = Server([str(runs["digits"]), str(runs["scenes"]), str(runs["cascade"]), str(runs["clf"]), "--gallery",
                   str(work / "gallery")], cwd=work)
     srv.gallery = work / "gallery"
     yield srv

@@ -40,6 +40,18 @@ def test_models_list_the_inputs_each_takes(server):
     assert (s["text"], s["inpaint"], s["num_classes"], s["side"], s["channels"]) == (True, "glide", None, 16, 3)
     assert len(c["stages"]) == 2 and c["num_classes"] == 10 and c["side"] == 8 and c["stages"][1]["low_res"]
     assert "ddim" in info["samplers"] and info["eta_samplers"] == ["ddim"] and info["limits"]["max_n"] == 64
+    assert d["classifiers"] == ["clf"] and s["classifiers"] == []  # no classifier guidance of a text model
+
+
+def test_classifier_guidance_and_its_command_draw_the_same_pixels(server, tmp_path):
+    body = {"model": "digits", "n": 2, "seed": 1, "label": 4, "steps": 5, "classifier": "clf",
+            "classifier_scale": 2.0}
+    entry = sample(server.url, body)[-1][1]["entry"]
+    assert "--classifier-scale 2.0" in entry["command"] and entry["settings"]["classifier"] == "clf"
+    web = gallery_images(server.url, entry["id"])
+    assert np.array_equal(run_command(entry["command"], tmp_path), web)
+    plain = sample(server.url, {**body, "classifier": None, "classifier_scale": None})[-1][1]["entry"]
+    assert not np.array_equal(gallery_images(server.url, plain["id"]), web)  # the guidance did something
 
 
 def test_the_page_loads_nothing_from_elsewhere(server):

@@ -125,7 +125,7 @@ async def _job_events(job: Job, queue: JobQueue):
                 return
             try:
                 await asyncio.wait_for(changed.wait(), HEARTBEAT_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before Python 3.11
                 yield b": ping\n\n"  # a closed connection shows up here while the job waits
     finally:
         job.unsubscribe(changed)

@@ -97,7 +97,8 @@ class Gallery:
 
     def list(self, limit: int = 200) -> list[dict[str, Any]]:
         with self._lock:
-            return [self.entries[k] for k in sorted(self.entries, reverse=True)[:limit]]
+            newest = sorted(self.entries.values(), key=lambda e: (e.get("created", 0), e["id"]), reverse=True)
+            return newest[:limit]
 
     def get(self, entry_id: str) -> dict[str, Any]:
         with self._lock:

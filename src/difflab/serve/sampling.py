@@ -64,7 +64,7 @@ class Progress:
         every = max(1, steps // self.previews)
         if i == 0 or i == steps - 1 or (i % every == 0 and now - self.last_preview >= self.min_interval):
             cfg = self.data_cfgs[min(stage, len(self.data_cfgs) - 1)]
-            x0 = info["pred_xstart"].detach().float().clamp(-1, 1).cpu()
+            x0 = info["pred_xstart"][:16].detach().float().clamp(-1, 1).cpu()  # a batch's first 16 at most
             fields["preview"] = _png_data_url(to_uint8(x0, cfg))
             self.last_preview = now
         self.job.update(**fields)

@@ -298,19 +298,24 @@ def save_converted(
     return out
 
 
+def _installed_glide_tokenizer(missing: str) -> Path:
+    """The ``tokenizer`` folder of an installed ``glide_text2im`` (its BPE files); ValueError ``missing`` if none."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("glide_text2im")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(missing)
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer"
+
+
 def glide_vocab_folder(vocab: str | os.PathLike | None) -> Path:
     """The folder with GLIDE's GPT-2 BPE files (``encoder.json`` and ``vocab.bpe``, either gzipped): ``vocab``,
     or the ``tokenizer`` folder of an installed ``glide_text2im``. Checked by loading it (50,257 ids)."""
     from difflab.text.gpt2_bpe import GPT2Tokenizer
 
     if vocab is None:
-        import importlib.util
-
-        spec = importlib.util.find_spec("glide_text2im")
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError("a GLIDE text U-Net needs its tokenizer: --vocab FOLDER (glide-text2im's "
-                             "glide_text2im/tokenizer, holding encoder.json.gz and vocab.bpe.gz)")
-        vocab = Path(next(iter(spec.submodule_search_locations))) / "tokenizer"
+        vocab = _installed_glide_tokenizer("a GLIDE text U-Net needs its tokenizer: --vocab FOLDER (glide-text2im's "
+                                           "glide_text2im/tokenizer, holding encoder.json.gz and vocab.bpe.gz)")
     folder = Path(vocab)
     if not folder.is_dir():
         raise FileNotFoundError(f"--vocab: not a folder: {folder}")
@@ -440,13 +445,9 @@ def clip_vocab_file(vocab: str | os.PathLike | None) -> Path:
     from difflab.text import CLIPTokenizer
 
     if vocab is None:
-        import importlib.util
-
-        spec = importlib.util.find_spec("glide_text2im")
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError("GLIDE's noised CLIP needs CLIP's tokenizer: --vocab FILE (bpe_simple_vocab_16e6.txt.gz, "
-                             "in glide-text2im's glide_text2im/tokenizer or openai/CLIP's clip/)")
-        vocab = Path(next(iter(spec.submodule_search_locations))) / "tokenizer"
+        vocab = _installed_glide_tokenizer("GLIDE's noised CLIP needs CLIP's tokenizer: --vocab FILE "
+                                           "(bpe_simple_vocab_16e6.txt.gz, in glide-text2im's glide_text2im/tokenizer "
+                                           "or openai/CLIP's clip/)")
     path = Path(vocab)
     if path.is_dir():
         found = [p for p in (path / CLIP_VOCAB_FILE, path / (CLIP_VOCAB_FILE + ".gz")) if p.is_file()]

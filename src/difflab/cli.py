@@ -121,6 +121,20 @@ def _steps_arg(text: str) -> int | str:
     return int(t) if t.lstrip("+-").isdigit() else text
 
 
+def _add_draw_arguments(p: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --eta, --label, --guidance: how ``difflab sample`` and ``difflab inpaint`` draw."""
+    p.add_argument("--sampler", help="ancestral, ddim, ... (difflab.samplers.SAMPLERS; default: sample.sampler)")
+    p.add_argument("--steps", type=_steps_arg, metavar="K",
+                   help="sampling steps: K, or a respacing rule such as ddim50, 10,10,3 or fast27 "
+                   "(default: sample.steps)")
+    p.add_argument("--eta", type=float, metavar="E", help="DDIM eta (default: sample.eta)")
+    p.add_argument("--label", metavar="L|all", help="class label of every image, or 'all' for labels cycling "
+                   "0..K-1 (class-conditional runs or with --classifier; default: all)")
+    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight w: "
+                   "(1+w) eps(x,y) - w eps(x,null), for runs trained with diffusion.p_uncond > 0 "
+                   "(default: sample.guidance_scale)")
+
+
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     from difflab.eval.report import add_reference_arguments
 
@@ -134,16 +148,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     _add_run_arguments(p)
     p.add_argument("--n", "--num-samples", dest="n", type=int,
                    help="number of images (default: sample.n); under torchrun spell it --num-samples")
-    p.add_argument("--sampler", help="ancestral, ddim, ... (difflab.samplers.SAMPLERS; default: sample.sampler)")
-    p.add_argument("--steps", type=_steps_arg, metavar="K",
-                   help="sampling steps: K, or a respacing rule such as ddim50, 10,10,3 or fast27 "
-                   "(default: sample.steps)")
-    p.add_argument("--eta", type=float, metavar="E", help="DDIM eta (default: sample.eta)")
-    p.add_argument("--label", metavar="L|all", help="class label of every image, or 'all' for labels cycling "
-                   "0..K-1 (class-conditional runs or with --classifier; default: all)")
-    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight w: "
-                   "(1+w) eps(x,y) - w eps(x,null), for runs trained with diffusion.p_uncond > 0 "
-                   "(default: sample.guidance_scale)")
+    _add_draw_arguments(p)
     p.add_argument("--classifier", metavar="CLF", help="noisy classifier for classifier guidance: a classifier "
                    "run folder of difflab train or its classifier.safetensors (default: sample.classifier)")
     p.add_argument("--classifier-scale", type=float, metavar="S", help="classifier guidance scale s "
@@ -265,12 +270,7 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
                    "text-conditional run (repeatable; the samples cycle through them)")
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file of captions, one a line")
     p.add_argument("--n", type=int, help="number of fillings (default: the number of prompts, else sample.n)")
-    p.add_argument("--sampler", help="ancestral, ddim, ... (default: sample.sampler)")
-    p.add_argument("--steps", metavar="K", help="sampling steps (respacing; default: sample.steps)")
-    p.add_argument("--eta", type=float, metavar="E", help="DDIM eta (default: sample.eta)")
-    p.add_argument("--label", metavar="L|all", help="class label (class-conditional runs)")
-    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight w "
-                   "(default: sample.guidance_scale)")
+    _add_draw_arguments(p)
     p.add_argument("--seed", type=int, help="noise seed (default: sample.seed)")
     p.add_argument("--batch", type=int, metavar="B", help="images per network call (default: sample.batch)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast, or not")

@@ -152,7 +152,7 @@ def main() -> int:
                  "clip_guide": clip_score(guide, u8, captions), "clip_judge": clip_score(judge, u8, captions),
                  "seconds": round(time.perf_counter() - t1, 1)}
         result["points"].append(point)
-        grids[(kind, scale)] = u8[:10]
+        np.save(work / f"first10_{kind}_{scale:g}.npy", u8[:10])  # for the grid of every point, across calls
         print(point, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
@@ -176,7 +176,11 @@ def main() -> int:
     (out / "glide-table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(result["points"], out / "glide-tradeoff.png")
-    if grids:  # rows: each new point's first 10 samples (captions 0..9)
+    for p in pts:
+        f = work / f"first10_{p['kind']}_{p['scale']:g}.npy"
+        if f.is_file():
+            grids[(p["kind"], p["scale"])] = np.load(f)
+    if grids:  # rows: each point's first 10 samples (captions 0..9)
         save_grid(np.concatenate(list(grids.values())), out / "glide-samples.png", nrow=10, scale=4)
         (out / "glide-samples.txt").write_text("\n".join(f"row {i}: {k} {s:g}" for i, (k, s) in enumerate(grids))
                                                + "\ncaptions: " + " | ".join(prompts[:10]) + "\n")

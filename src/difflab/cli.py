@@ -282,11 +282,8 @@ def _add_inpaint(sub: argparse._SubParsersAction) -> None:
 def _run_inpaint(args: argparse.Namespace) -> int:
     from difflab.pipelines.inpaint import inpaint_run
 
-    steps = args.steps
-    if steps is not None and steps.strip().isdigit():
-        steps = int(steps)
     written = inpaint_run(args.run, args.image, args.mask, prompts=_prompts(args), n=args.n, sampler=args.sampler,
-                          steps=steps, eta=args.eta, label=args.label, seed=args.seed, batch=args.batch,
+                          steps=args.steps, eta=args.eta, label=args.label, seed=args.seed, batch=args.batch,
                           guidance_scale=args.guidance, rule=args.rule, invert_mask=args.invert_mask, out=args.out,
                           npz=args.npz, ema=args.ema, checkpoint=args.checkpoint, bf16=args.bf16,
                           progress=not args.quiet)

@@ -13,7 +13,7 @@ sweep (``--levels``) re-samples only the last stage, from the same 32x32 images.
 (the command of docs/results/scenes-cascade.md, run beside the peer benchmarks/imagen_scenes.py, one
 thread each). Each stage trains for ``--minutes`` of its process's CPU time (``difflab train
 --max-cpu-minutes``), as the peer does, so other work on the machine shrinks neither side's budget.
-Writes docs/results/scenes-cascade.{json,md}, scenes-cascade-table.md and scenes-cascade-grid.png.
+Writes docs/results/scenes-cascade.json, scenes-cascade-table.md and scenes-cascade-grid.png (--out-name).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main() -> int:
     ap.add_argument("--guidance", type=float, default=2.0, help="the base stage's CFG w")
     ap.add_argument("--aug-level", type=int, default=100, help="the SR stages' s")
     ap.add_argument("--levels", type=int, nargs="*", default=[], help="an s sweep of the last stage")
+    ap.add_argument("--out-name", default="scenes-cascade", help="docs/results/NAME.json, NAME-table.md, NAME-grid.png")
     args = ap.parse_args()
     from difflab.data.scenes import reference_captions
     from difflab.eval.scenes import evaluate_scenes
@@ -112,12 +113,12 @@ def main() -> int:
                                    ref="scenes-train")["fd"] for size in (16, 32, 64)}
     OUT.mkdir(parents=True, exist_ok=True)
     grid = np.concatenate([img[:16] for img in images[2:]], axis=0)
-    save_grid(grid, OUT / "scenes-cascade-grid.png")
+    save_grid(grid, OUT / f"{args.out_name}-grid.png")
     result = {"trained": trained, "rows": rows, "sweep": sweep, "fd_floor": floor, "sampling_seconds": round(seconds),
               "args": vars(args), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/scenes_cascade.py " + " ".join(sys.argv[1:])}
-    (OUT / "scenes-cascade.json").write_text(json.dumps(result, indent=1) + "\n")
+    (OUT / f"{args.out_name}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["| stage | size | digit | colour | position | all correct | binding | FD | FD floor | precision "
              "| recall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -125,7 +126,7 @@ def main() -> int:
         lines.append(f"| {r['stage']} | {r['size']} | {r['digit']:.3f} | {r['colour']:.3f} | {r['position']:.3f} | "
                      f"{r['all_correct']:.3f} | {b} | {r['fd']:.2f} | {floor[r['size']]:.2f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} |")
-    (OUT / "scenes-cascade-table.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{args.out_name}-table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

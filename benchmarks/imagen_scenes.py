@@ -90,6 +90,13 @@ def main() -> int:
     g = torch.Generator().manual_seed(1)
     stages = []
     for k, unet in enumerate(imagen.unets, start=1):
+        saved = out / f"unet_{k}.pt"  # a trained stage is kept, so that sampling can be rerun alone
+        if saved.is_file():
+            state = torch.load(saved, weights_only=True)
+            unet.load_state_dict(state["weights"])
+            stages.append(state["info"])
+            print(stages[-1], flush=True)
+            continue
         opt = torch.optim.Adam(unet.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
         ema = EMA(unet, beta=0.995, update_after_step=0, update_every=1)
         steps, t0, cpu0 = 0, time.perf_counter(), time.process_time()
@@ -109,6 +116,7 @@ def main() -> int:
         stages.append({"unet": k, "steps": steps, "seconds": round(seconds, 1), "params": params,
                        "cpu_minutes": round((time.process_time() - cpu0) / 60, 2),
                        "img_per_s": round(steps * 32 / seconds, 1)})
+        torch.save({"weights": unet.state_dict(), "info": stages[-1]}, saved)
         print(stages[-1], flush=True)
     from difflab.data.scenes import reference_captions
 

@@ -257,7 +257,34 @@ def _net_image_size(denoiser: Any) -> int | None:
     return getattr(getattr(net, "config", None), "image_size", None)
 
 
-class ClassifierGuidance:
+class WrappedDenoiser:
+    """The Denoiser interface of a wrapper around ``self.denoiser`` (guidance, inpainting's replacement): its
+    process, parameterization, net, step count and network steps are the wrapped denoiser's."""
+
+    denoiser: Any
+
+    @property
+    def process(self) -> Process:
+        return self.denoiser.process
+
+    @property
+    def parameterization(self):
+        return self.denoiser.parameterization
+
+    @property
+    def net(self):
+        return self.denoiser.net
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.denoiser.num_timesteps
+
+    def network_t(self, t: Tensor) -> Tensor:
+        """What the network (and the classifier) sees at steps ``t``: see :func:`network_t`."""
+        return network_t(self.denoiser, t)
+
+
+class ClassifierGuidance(WrappedDenoiser):
     """A denoiser guided by a noisy classifier (ADM Algs. 1 and 2); same interface as :class:`Denoiser`.
 
     ``wrapper(x_t, t, clip_denoised=..., denoised_fn=..., y=labels, **cond) -> PMeanVar`` with
@@ -335,26 +362,6 @@ class ClassifierGuidance:
             cond_fn = classifier_grad_fn(classifier, self.scale, num_classes=self.num_classes)
         self.cond_fn = cond_fn
 
-    # -- the Denoiser interface ------------------------------------------------------------------------
-    @property
-    def process(self) -> Process:
-        return self.denoiser.process
-
-    @property
-    def parameterization(self):
-        return self.denoiser.parameterization
-
-    @property
-    def net(self):
-        return self.denoiser.net
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.denoiser.num_timesteps
-
-    def network_t(self, t: Tensor) -> Tensor:
-        """What the network (and the classifier) sees at steps ``t``: see :func:`network_t`."""
-        return network_t(self.denoiser, t)
 
     def respace(self, spec) -> ClassifierGuidance:
         """The guided denoiser on a respaced process (the classifier still sees original steps)."""

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from difflab.process import Process, q_sample
+from difflab.guidance import WrappedDenoiser
+from difflab.process import q_sample
 
 Tensor = torch.Tensor
 
@@ -140,7 +141,7 @@ def glide_denoised_fn(image: Tensor, mask: Tensor) -> Callable[[Tensor], Tensor]
     return denoised_fn
 
 
-class ReplaceKnown:
+class ReplaceKnown(WrappedDenoiser):
     """A denoiser whose network sees, at step t, x_t with its known region replaced by q_sample(image, t).
 
     The ``"replace"`` rule (see the module docstring) for any denoiser, with the :class:`~difflab.denoiser.Denoiser`
@@ -155,27 +156,6 @@ class ReplaceKnown:
 
     def __init__(self, denoiser: Any, image: Tensor, mask: Tensor, generator: torch.Generator | None = None):
         self.denoiser, self.image, self.mask, self.generator = denoiser, image, mask, generator
-
-    @property
-    def process(self) -> Process:
-        return self.denoiser.process
-
-    @property
-    def parameterization(self):
-        return self.denoiser.parameterization
-
-    @property
-    def net(self):
-        return self.denoiser.net
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.denoiser.num_timesteps
-
-    def network_t(self, t: Tensor) -> Tensor:
-        from difflab.guidance import network_t
-
-        return network_t(self.denoiser, t)
 
     def respace(self, spec) -> ReplaceKnown:
         if spec is None:

@@ -248,7 +248,8 @@ class CLIP(nn.Module):
             raise ValueError(f"this CLIP takes integer tokens [N, context_length={c.context_length}]; got "
                              f"{list(tokens.shape)} {tokens.dtype}")
         if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size):
-            raise ValueError(f"token ids must lie in 0..{c.vocab_size - 1} (vocab_size); got {int(tokens.max())}")
+            worst = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+            raise ValueError(f"token ids must lie in 0..{c.vocab_size - 1} (vocab_size); got {worst}")
         x = self.token_embedding(tokens.long()) + self.positional_embedding
         seq = self.ln_final(self.transformer(x, self.attn_mask.to(x.dtype)))
         if lens is None:

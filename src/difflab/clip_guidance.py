@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from difflab.guidance import ClassifierGuidance, CondFn
 from difflab.nn.clip import NoisedCLIP, NoisedCLIPConfig
@@ -227,14 +228,38 @@ def _tokenizer_of(spec: dict[str, Any], n_vocab: int):
 def save_noised_clip(path: str | os.PathLike, clip: NoisedCLIP, text: Any) -> None:
     """Write the weights as safetensors, with the network config and the tokenizer (a ``TextConfig``) as
     metadata, atomically: what :func:`load_noised_clip` reads."""
+    save_tagged_network(path, clip, text, "noised_clip")
+
+
+def save_tagged_network(path: str | os.PathLike, net: nn.Module, text: Any, kind: str) -> None:
+    """``net``'s weights as safetensors with ``{"kind", "config", "text"}`` metadata (its ``config``, the tokenizer
+    ``text``), atomically: one file that rebuilds a CLIP (``kind`` noised_clip or clip) and its tokenizer."""
     from safetensors.torch import save_file
 
     from difflab.config import to_dict
     from difflab.fileio import atomic_write_with
 
-    meta = {"kind": "noised_clip", "config": to_dict(clip.config), "text": _text_spec(text)}
-    state = {k: v.detach().float().contiguous().cpu() for k, v in clip.state_dict().items()}
+    meta = {"kind": kind, "config": to_dict(net.config), "text": _text_spec(text)}
+    state = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
     atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata={_META_KEY: json.dumps(meta)}))
+
+
+def read_tagged_network(path: Path, kind: str, option: str = "--clip") -> tuple[dict, dict[str, Tensor]]:
+    """(metadata, state) of a :func:`save_tagged_network` file of ``kind``; ValueError naming ``option`` and the
+    file for an unreadable file or another kind."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing error
+        raise ValueError(f"{option}: cannot read {path}: {e}") from None
+    meta = json.loads(raw) if raw is not None else {}
+    if meta.get("kind") != kind:
+        what = kind.replace("_", " ").replace("noised clip", "noised CLIP").replace("clip", "CLIP")
+        raise ValueError(f"{option} {path}: not a {what} file (it holds {meta.get('kind') or 'no difflab metadata'})")
+    return meta, state
 
 
 def load_noised_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> NoisedCLIP:
@@ -243,8 +268,6 @@ def load_noised_clip(path: str | os.PathLike, device: str | torch.device = "cpu"
 
     Raises FileNotFoundError for a missing path, ValueError for anything that is not a noised CLIP.
     """
-    from safetensors import safe_open
-
     from difflab.config import from_dict
 
     p = Path(path)
@@ -257,15 +280,7 @@ def load_noised_clip(path: str | os.PathLike, device: str | torch.device = "cpu"
             raise ValueError(f"--clip {p}: not a noised CLIP: neither a converted folder (model.safetensors) nor a "
                              f"noised-CLIP run folder ({CLIP_FILE})")
         p = p / CLIP_FILE
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one user-facing error
-        raise ValueError(f"--clip: cannot read {p}: {e}") from None
-    meta = json.loads(raw) if raw is not None else {}
-    if meta.get("kind") != "noised_clip":
-        raise ValueError(f"--clip {p}: not a noised CLIP file (it holds {meta.get('kind') or 'no difflab metadata'})")
+    meta, state = read_tagged_network(p, "noised_clip")
     config = from_dict(NoisedCLIPConfig, meta["config"])
     clip = _with_weights(config, state, p)
     clip.tokenizer = _tokenizer_of(meta["text"], config.n_vocab)

@@ -39,6 +39,9 @@ import yaml
 if TYPE_CHECKING:
     from difflab.nn.classifier import ClassifierConfig
     from difflab.nn.clip import NoisedCLIPConfig
+    from difflab.nn.clip_unet import DecoderUNetConfig
+    from difflab.nn.openai_clip import CLIPConfig
+    from difflab.nn.prior import PriorConfig
     from difflab.nn.text_unet import TextUNetConfig
     from difflab.nn.unet import UNetConfig
 
@@ -79,8 +82,14 @@ def _hints(cls: type) -> dict[str, Any]:
     ns.setdefault("TextUNetConfig", TextUNetConfig)
     ns.setdefault("ClassifierConfig", ClassifierConfig)
     from difflab.nn.clip import NoisedCLIPConfig
+    from difflab.nn.clip_unet import DecoderUNetConfig
+    from difflab.nn.openai_clip import CLIPConfig
+    from difflab.nn.prior import PriorConfig
 
     ns.setdefault("NoisedCLIPConfig", NoisedCLIPConfig)
+    ns.setdefault("CLIPConfig", CLIPConfig)
+    ns.setdefault("PriorConfig", PriorConfig)
+    ns.setdefault("DecoderUNetConfig", DecoderUNetConfig)
     return typing.get_type_hints(cls, globalns=ns)
 
 
@@ -369,6 +378,26 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class UnCLIPEmbeddingConfig:
+    """The CLIP whose embeddings an unCLIP prior or decoder reads (unCLIP Sec. 2; docs/unclip.md).
+
+    The embedding space of difflab's unCLIP: e = embed_scale * z for the unit CLIP embeddings z (image z_i and
+    pooled text z_t), so that each coordinate has about unit scale (the paper scales its ViT-H/16 embeddings by
+    17.2); the prior diffuses e_i, the decoder is told e_i and e_t.
+    """
+
+    # a task: clip run folder (its clip.safetensors) or a difflab convert folder of an OpenAI / OpenCLIP CLIP;
+    # null for every other model
+    run: str | None = None
+    # e = embed_scale * z; null = sqrt(embed_dim) (unit RMS per coordinate)
+    embed_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        _require(self, self.embed_scale is None or self.embed_scale > 0, "embed_scale", "must be null or > 0")
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Conditioning augmentation of a super-resolution stage's low-res input (CDM Sec. 4.2; difflab.augment)."""
 
@@ -597,9 +626,11 @@ class SampleConfig:
 class Config:
     """A whole run: network, diffusion, data, training and sampling."""
 
-    # the network (difflab.nn.unet.UNetConfig; with a `text` section GLIDE's difflab.nn.text_unet.TextUNetConfig);
+    # the network (difflab.nn.unet.UNetConfig; with a `text` section GLIDE's difflab.nn.text_unet.TextUNetConfig;
+    # unCLIP's prior difflab.nn.prior.PriorConfig (xf_layers, xf_heads, ...) or decoder
+    # difflab.nn.clip_unet.DecoderUNetConfig (clip_dim, xf_width, ...), which read the CLIP of the `clip` section);
     # YAML may say {preset: NAME, ...overrides}
-    model: UNetConfig | TextUNetConfig
+    model: UNetConfig | TextUNetConfig | PriorConfig | DecoderUNetConfig
     # noise process and loss
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     # training data
@@ -612,15 +643,23 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # a text-conditional network's tokenizer (GLIDE; docs/text.md)
     text: TextConfig = field(default_factory=TextConfig)
+    # the CLIP an unCLIP prior or decoder reads its embeddings from (docs/unclip.md)
+    clip: UnCLIPEmbeddingConfig = field(default_factory=lambda: UnCLIPEmbeddingConfig())
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):
             object.__setattr__(self, "model", resolve_model_section(self.model))
         _normalise(self)
-        if self.is_text and not self.data.captions and self.data.source != "none":
-            raise ConfigError(("data", "captions"), "a text-conditional model (model.text) trains on captions: "
-                                                    "set data.captions: true")
-        if self.diffusion.p_uncond > 0 and not (self.data.class_cond or self.is_text):
+        if (self.is_text or self.unclip_kind) and not self.data.captions and self.data.source != "none":
+            what = "an unCLIP prior / decoder" if self.unclip_kind else "a text-conditional model (model.text)"
+            raise ConfigError(("data", "captions"), f"{what} trains on captions: set data.captions: true")
+        if self.unclip_kind and self.clip.run is None:
+            raise ConfigError(("clip", "run"), f"an unCLIP {self.unclip_kind} reads CLIP embeddings: name the CLIP "
+                                               "(a task: clip run folder or a converted CLIP folder)")
+        if self.clip.run is not None and not self.unclip_kind:
+            raise ConfigError(("clip", "run"), "only an unCLIP prior (model: PriorConfig fields) or decoder "
+                                               "(DecoderUNetConfig fields) reads a CLIP; set clip.run: null")
+        if self.diffusion.p_uncond > 0 and not (self.data.class_cond or self.is_text or self.unclip_kind):
             raise ConfigError(("diffusion", "p_uncond"), "label dropout needs data.class_cond: true (or caption "
                                                          "dropout a text-conditional model.text)")
         if isinstance(self.sample.steps, int) and self.sample.steps > self.diffusion.steps:
@@ -646,6 +685,16 @@ class Config:
         """A text-conditional network (GLIDE's TextUNet: ``model.text``)."""
         return getattr(self.model, "text", None) is not None
 
+    @property
+    def unclip_kind(self) -> str | None:
+        """``"prior"`` or ``"decoder"`` for unCLIP's networks (they read CLIP features), else None."""
+        from difflab.nn.clip_unet import DecoderUNetConfig
+        from difflab.nn.prior import PriorConfig
+
+        if isinstance(self.model, PriorConfig):
+            return "prior"
+        return "decoder" if isinstance(self.model, DecoderUNetConfig) else None
+
     def _check_model_fits(self) -> None:
         """Cross-checks between the network and the other sections (for networks with these fields)."""
         m = self.model
@@ -662,7 +711,8 @@ class Config:
                 f"is {m.num_classes} but data.class_cond is {str(self.data.class_cond).lower()}; "
                 "a class-conditional network needs labelled data and vice versa",
             )
-        if self.diffusion.p_uncond > 0 and not self.is_text and getattr(m, "class_null", True) is False:
+        if self.diffusion.p_uncond > 0 and not (self.is_text or self.unclip_kind) \
+                and getattr(m, "class_null", True) is False:
             raise ConfigError(("model", "class_null"), "must be true when diffusion.p_uncond > 0 (the dropped label)")
         in_ch = getattr(m, "in_channels", None)
         if in_ch is not None and self.data.channels is not None and in_ch != self.data.channels:
@@ -820,6 +870,49 @@ class NoisedCLIPRunConfig:
         _require(self, self.eval_examples >= 2, "eval_examples", "must be >= 2")
 
 
+@dataclass(frozen=True)
+class CLIPRunConfig:
+    """A CLIP (:class:`difflab.nn.openai_clip.CLIP`, OpenAI's layout) trained contrastively on clean captioned
+    images: the CLIP unCLIP's prior and decoder read (unCLIP Sec. 2; CLIP, Radford et al. 2021). A YAML file whose top
+    level says ``task: clip`` is one; it trains on the one loop (:class:`difflab.train.tasks.clip.CLIPTask`,
+    docs/unclip.md)."""
+
+    # the network (difflab.nn.openai_clip.CLIPConfig): image_resolution = data.image_size; the prior and decoder
+    # read embed_dim-wide embeddings and the text transformer's transformer_width-wide token sequence
+    clip: CLIPConfig
+    # marks the file as a CLIP config
+    task: Literal["clip"] = "clip"
+    # captioned training images (data.captions: true), 3 channels
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="scenes", captions=True))
+    # the captions' tokenizer (the miniature scenes vocabulary, or CLIP's BPE: tokenizer clip, vocab PATH)
+    text: TextConfig = field(default_factory=TextConfig)
+    # the loop's settings; the contrastive negatives are the other examples of each rank's (micro-)batch
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # the weights written to clip.safetensors at the end: null = the trained weights, or one of train.ema_rates
+    export_ema: float | None = None
+    # scored every train.sample_every steps (retrieval.jsonl) and at the end (clip_accuracy.json): zero-shot
+    # retrieval among this many held-out examples
+    eval_examples: int = 256
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        c, d = self.clip, self.data
+        if not d.captions:
+            raise ConfigError(("data", "captions"), "must be true: CLIP learns from image-caption pairs")
+        if d.image_size != c.image_resolution:
+            raise ConfigError(("data", "image_size"), f"is {d.image_size} but clip.image_resolution is "
+                                                      f"{c.image_resolution}")
+        if d.channels not in (None, 3):
+            raise ConfigError(("data", "channels"), f"must be 3 or null (CLIP reads RGB); got {d.channels}")
+        if d.low_res_size is not None:
+            raise ConfigError(("data", "low_res_size"), "must be null for task clip")
+        rate = self.export_ema
+        if rate is not None and rate not in self.train.ema_rates:
+            raise ConfigError(("export_ema",), f"must be null or one of train.ema_rates {list(self.train.ema_rates)}; "
+                                               f"got {rate}")
+        _require(self, self.eval_examples >= 2, "eval_examples", "must be >= 2")
+
+
 # ============================================================================ model presets
 
 
@@ -899,6 +992,7 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
 # the config class of each `task:` a YAML file may name (a diffusion config names none)
 TASK_CONFIGS: dict[str, type] = {"classifier": ClassifierRunConfig, "scene_features": SceneFeaturesRunConfig}
 TASK_CONFIGS["noised_clip"] = NoisedCLIPRunConfig
+TASK_CONFIGS["clip"] = CLIPRunConfig
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

@@ -118,6 +118,17 @@ def _guided(denoiser: Denoiser, cfg: Config, guidance_scale: float, classifier, 
         if not 0 <= value < float("inf"):
             raise ValueError(f"the {what} must be a finite number >= 0, got {value}")
     num_classes = getattr(cfg.model, "num_classes", None)
+    if cfg.unclip_kind:
+        if classifier is not None:
+            raise ValueError(f"--classifier: classifier guidance of an unCLIP {cfg.unclip_kind} is not supported")
+        trained = cfg.diffusion.p_uncond > 0 or getattr(cfg.model, "clip_emb_drop", 0) > 0
+        if guidance_scale > 0 and not trained:
+            raise ValueError(f"--guidance W needs an unCLIP {cfg.unclip_kind} trained with condition dropout "
+                             "(diffusion.p_uncond > 0 or model.clip_emb_drop > 0)")
+        if guidance_scale > 0 and null_cond is None:
+            raise ValueError(f"guiding an unCLIP {cfg.unclip_kind} needs its null conditioning (null_cond)")
+        return guided_denoiser(denoiser, guidance_scale=guidance_scale, null_cond=null_cond) if guidance_scale \
+            else denoiser
     if cfg.is_text:
         if classifier is not None:
             raise ValueError("--classifier: classifier guidance of a text-conditional run is not supported; use "
@@ -174,6 +185,9 @@ def draw_samples(
     callback: Callable[[dict], None] | None = None,
     clip=None,
     clip_scale: float | None = None,
+    cond: dict[str, torch.Tensor] | None = None,
+    null_cond: dict[str, torch.Tensor] | None = None,
+    x_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` samples ``[n, C, S, S]`` (float32, CPU, in [-1, 1]) and their labels (None if unconditional).
 
@@ -216,6 +230,12 @@ def draw_samples(
     sampler's ``{"i", "t", "x", "pred_xstart"}`` of the batch plus ``"batch"`` (its index k), ``"batches"``
     (their number) and ``"steps"`` (the batch's step count); an exception it raises stops the sampling. It
     sees the state and never changes it: the samples are those drawn without it.
+
+    Conditioning made elsewhere (unCLIP's pipelines, :mod:`difflab.pipelines.unclip`): ``cond`` holds tensors
+    [n, ...], sample i getting row i (the prior's CLIP text features; the decoder's image embedding and text
+    features); ``null_cond`` [1, ...] is what classifier-free guidance puts in the unconditional half in their place.
+    ``x_T`` [n, ...] replaces the start noise (DDIM-inverted latents for variations and interpolations); the steps'
+    noise still comes from each batch's generator. A prior's samples are vectors [n, clip_dim].
     """
     sc = cfg.sample
     guidance_scale = sc.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -259,9 +279,15 @@ def draw_samples(
         fn = functools.partial(sample_truncated, fn, s=truncate_at)
     text = _TextCondition(cfg, captions, n) if captions is not None else None
     denoiser = _guided(denoiser, cfg, guidance_scale, classifier, classifier_scale,
-                       null_cond=text.null if text is not None else None)
+                       null_cond=text.null if text is not None else null_cond)
     side = condition.out_side if condition.low_res is not None else cfg.data.sample_size
-    shape = (cfg.model.in_channels, side, side)
+    shape = (cfg.model.clip_dim,) if cfg.unclip_kind == "prior" else (cfg.model.in_channels, side, side)
+    for name, value in (cond or {}).items():
+        if not isinstance(value, torch.Tensor) or value.shape[:1] != (n,):
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"cond[{name!r}] must be a tensor [n={n}, ...]; got {got}")
+    if x_T is not None and tuple(x_T.shape) != (n, *shape):
+        raise ValueError(f"x_T must have shape {[n, *shape]}; got {list(x_T.shape)}")
     guide = None
     if guide_prompts is not None:
         from difflab.clip_guidance import ClipGuide
@@ -279,10 +305,13 @@ def draw_samples(
     for k in range(rank, -(-n // batch), world):
         lo, hi = k * batch, min(n, (k + 1) * batch)
         g = torch.Generator(device).manual_seed(_batch_seed(seed, k))
-        x_T = torch.randn((hi - lo, *shape), generator=g, device=device)
+        start = torch.randn((hi - lo, *shape), generator=g, device=device)
+        if x_T is not None:
+            start = x_T[lo:hi].to(device=device, dtype=start.dtype)
         if sc.temperature != 1:  # GLIDE's upsample_temp: the start only, never the steps' noise
-            x_T = x_T * sc.temperature
+            start = start * sc.temperature
         model_kwargs = {"y": labels[lo:hi].to(device)} if labels is not None else {}
+        model_kwargs.update({k: v[lo:hi].to(device) for k, v in (cond or {}).items()})
         model_kwargs.update(condition.kwargs(lo, hi, g, device))
         if text is not None:
             model_kwargs.update(text.kwargs(lo, hi, device))
@@ -296,7 +325,7 @@ def draw_samples(
         if callback is not None:
             batch_kwargs = {**batch_kwargs, "callback": _batch_callback(callback, k, -(-n // batch), truncate_at)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = fn(batch_denoiser, x_T, generator=g, model_kwargs=model_kwargs or None, progress=progress,
+            x = fn(batch_denoiser, start, generator=g, model_kwargs=model_kwargs or None, progress=progress,
                    **batch_kwargs)
         if known is not None:
             x = known.finish(x, lo, hi)

@@ -435,7 +435,9 @@ class ClassifierFreeGuidance:
         null_label: the dropped label. Default: ``num_classes`` on a U-Net built with ``class_null``.
         num_classes: the number of real classes; default from ``net.config.num_classes``.
         null_cond: a text model's null instead of a label: ``{"tokens": [1, L], "mask": [1, L]}`` of the empty
-            caption (GLIDE), put in the unconditional half in place of the caption's tokens.
+            caption (GLIDE), put in the unconditional half in place of the caption's tokens; any conditioning
+            tensors work the same way (unCLIP's prior: the empty caption's CLIP features; its decoder also
+            ``y_drop`` [1] True, the learned null image embedding, with ``y`` kept as conditioning).
     """
 
     def __init__(self, net: Callable[..., Tensor], guidance_scale: float, null_label: int | None = None,
@@ -488,7 +490,9 @@ class ClassifierFreeGuidance:
     def _text(self, x_t: Tensor, t: Tensor, y: Tensor | None, cond: dict[str, Any]) -> Tensor:
         """The text form: the unconditional half takes ``null_cond`` (each [1, ...], broadcast to N) in place
         of the caption's tokens; GLIDE's ``model_fn`` with the empty caption."""
-        if y is not None:
+        if y is not None and "y_drop" in self.null_cond:  # unCLIP's decoder: y is the CLIP image embedding
+            cond = {**cond, "y": y}
+        elif y is not None:
             raise ValueError("classifier-free guidance of a text model takes captions (tokens), not labels y")
         if self.guidance_scale == 0.0:
             return self.net(x_t, t, **cond)

@@ -130,6 +130,7 @@ class DecoderUNet(UNet):
         txt_feat: torch.Tensor | None = None,
         txt_feat_seq: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        y_drop: torch.Tensor | None = None,
         **cond,
     ) -> torch.Tensor:
         """Apply the network (official ``PLMImUNet.forward``).
@@ -141,6 +142,8 @@ class DecoderUNet(UNet):
             txt_feat: [N, clip_dim] CLIP's pooled text embedding.
             txt_feat_seq: [N, text_ctx, clip_dim] CLIP's text token sequence.
             mask: [N, text_ctx] bool, True on caption tokens (the unconditional caption is "": [SOT, EOT]).
+            y_drop: [N] (or [1]) bool, True where y is replaced by ``cf_param``: training's 10% embedding dropout
+                (unCLIP Sec. 2.1) and the unconditional half of classifier-free guidance.
             **cond: the U-Net's image conditioning (``low_res``, ``inpaint_image``, ``inpaint_mask``) when the
                 config has it; Karlo's decoder has none.
         Returns:
@@ -161,6 +164,10 @@ class DecoderUNet(UNet):
             y = self.cf_param[None].expand(n, -1)
         if tuple(y.shape) != (n, cfg.clip_dim):
             raise ValueError(f"y must have shape [N={n}, clip_dim={cfg.clip_dim}]; got {list(y.shape)}")
+        if y_drop is not None and bool(y_drop.any()):
+            if not hasattr(self, "cf_param"):
+                raise ValueError("y_drop needs cf_param (this decoder has clip_emb_drop=0)")
+            y = torch.where(y_drop.to(torch.bool).reshape(-1, 1).to(y.device), self.cf_param.to(y.dtype), y)
         if tuple(txt_feat_seq.shape) != (n, cfg.text_ctx, cfg.clip_dim):
             raise ValueError(f"txt_feat_seq must have shape [N={n}, text_ctx={cfg.text_ctx}, clip_dim="
                              f"{cfg.clip_dim}]; got {list(txt_feat_seq.shape)}")

@@ -8,7 +8,9 @@
   (:class:`~difflab.eval.scenes.SceneFeatureNet`), from a :class:`~difflab.config.SceneFeaturesRunConfig`
   (``task: scene_features``);
 - :class:`~difflab.train.tasks.noised_clip.NoisedCLIPTask`: GLIDE's noised CLIP for CLIP guidance, from a
-  :class:`~difflab.config.NoisedCLIPRunConfig` (``task: noised_clip``).
+  :class:`~difflab.config.NoisedCLIPRunConfig` (``task: noised_clip``);
+- :class:`~difflab.train.tasks.clip.CLIPTask`: the CLIP unCLIP reads (OpenAI's layout, clean images), from a
+  :class:`~difflab.config.CLIPRunConfig` (``task: clip``).
 
 :mod:`difflab.train.tasks.base` says what a task supplies and what the loop does with it.
 """
@@ -34,7 +36,12 @@ def make_task(cfg: Any) -> Task:
         from difflab.train.tasks.scene_features import SceneFeaturesTask
 
         return SceneFeaturesTask(cfg)
-    from difflab.config import NoisedCLIPRunConfig
+    from difflab.config import CLIPRunConfig, NoisedCLIPRunConfig
+
+    if isinstance(cfg, CLIPRunConfig):
+        from difflab.train.tasks.clip import CLIPTask
+
+        return CLIPTask(cfg)
 
     if isinstance(cfg, NoisedCLIPRunConfig):
         from difflab.train.tasks.noised_clip import NoisedCLIPTask
@@ -46,4 +53,4 @@ def make_task(cfg: Any) -> Task:
         return DiffusionTask(cfg)
     raise ValueError(f"no training task for a {type(cfg).__name__}; valid: Config (diffusion), "
                      "ClassifierRunConfig (task: classifier), SceneFeaturesRunConfig (task: scene_features), "
-                     "NoisedCLIPRunConfig (task: noised_clip)")
+                     "NoisedCLIPRunConfig (task: noised_clip), CLIPRunConfig (task: clip)")

@@ -115,7 +115,11 @@ def held_out(data: DataConfig) -> DataConfig:
 
 
 def format_accuracy(report: Mapping[str, Any]) -> str:
-    """The accuracy-by-noise report as a small text table."""
+    """The accuracy-by-noise report as a small text table (a clean CLIP's retrieval report: one line)."""
+    if "t_start" not in report:
+        return (f"zero-shot retrieval among {report['n']} {report['split']} pairs (chance {report['chance']:.3f}): "
+                f"image -> caption {report['image_to_text']:.3f}, caption -> image {report['text_to_image']:.3f}, "
+                f"loss {report['loss']:.3f}")
     lines = [f"accuracy per noise level on {report['n']} {report['split']} images (chance {report['chance']:.2f}):",
              "   t range     accuracy   loss"]
     for lo, hi, a, loss in zip(report["t_start"], report["t_end"], report["accuracy"], report["loss"], strict=True):

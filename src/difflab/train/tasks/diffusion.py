@@ -56,12 +56,35 @@ class DiffusionTask(Task):
             self.generator_names = (*self.generator_names, "augment")
             self.device_generators = (*self.device_generators, "augment")
             self.augment_process = Process.named(self.augment.schedule, self.augment.steps)
+        self.unclip = cfg.unclip_kind  # unCLIP's prior / decoder: they read a frozen CLIP (difflab.clip_features)
+        self._embedder = None
+        if self.unclip == "decoder" and cfg.model.clip_emb_drop > 0:  # unCLIP's 10% image-embedding dropout
+            self.generator_names = (*self.generator_names, "clip_drop")
+        self.has_grid = self.unclip != "prior"  # a prior draws vectors: nothing to picture
         self.inpaint = bool(getattr(cfg.model, "inpaint", False))
         if self.inpaint:  # GLIDE inpainting: one random mask per example (difflab.inpaint.random_mask)
             self.generator_names = (*self.generator_names, "inpaint")
 
     def build_model(self) -> nn.Module:
+        if self.unclip:  # the CLIP must exist and fit before the run folder is touched
+            self.embedder(torch.device("cpu"))
         return build_model(self.cfg)
+
+    def embedder(self, device: torch.device):
+        """The frozen CLIP of ``cfg.clip`` (:class:`~difflab.clip_features.CLIPEmbedder`), on ``device``."""
+        from difflab.clip_features import CLIPEmbedder, load_clip
+
+        if self._embedder is None:
+            clip = load_clip(self.cfg.clip.run)
+            self._embedder = CLIPEmbedder(clip, self.cfg.clip.embed_scale)
+            self._embedder.check_network(self.cfg.model.clip_dim, self.cfg.model.text_ctx, f"unCLIP {self.unclip}")
+            if self.unclip == "decoder" and clip.config.image_resolution != self.cfg.data.image_size:
+                raise ValueError(f"the decoder trains on {self.cfg.data.image_size}px images but its CLIP reads "
+                                 f"{clip.config.image_resolution}px: set data.image_size or use another CLIP")
+        if self._embedder.device != device:
+            self._embedder.clip.to(device)
+            self._embedder._cache.clear()
+        return self._embedder
 
     def _denoiser(self, model: nn.Module):
         """The wrapped model as a denoiser (one per model object: DDP / FSDP / compiled wrappers)."""
@@ -74,9 +97,13 @@ class DiffusionTask(Task):
               ) -> dict[str, Tensor]:
         t, w = self.timestep_sampler.sample(batch_size, generator=generators["timesteps"])
         g = generators["noise"]
-        noise = torch.randn((batch_size, *batch["x0"].shape[1:]), generator=g, device=g.device)
+        shape = (self.cfg.model.clip_dim,) if self.unclip == "prior" else batch["x0"].shape[1:]
+        noise = torch.randn((batch_size, *shape), generator=g, device=g.device)
         out = {"t": t, "weights": w, "noise": noise}
-        if (self.cfg.data.class_cond or self.cfg.is_text) and self.cfg.diffusion.p_uncond > 0:
+        if "clip_drop" in generators:  # the decoder's y -> cf_param coins (unCLIP: 10%)
+            p = self.cfg.model.clip_emb_drop
+            out["clip_drop"] = torch.rand(batch_size, generator=generators["clip_drop"]) < p
+        if (self.cfg.data.class_cond or self.cfg.is_text or self.unclip) and self.cfg.diffusion.p_uncond > 0:
             # the same Bernoulli(p_uncond) coins as guidance.drop_labels, drawn for the global batch; a text
             # model's dropped captions become "" (GLIDE: the empty token sequence)
             out["drop"] = torch.rand(batch_size, generator=generators["labels"]) < self.cfg.diffusion.p_uncond
@@ -109,11 +136,19 @@ class DiffusionTask(Task):
             if "drop" in draws:  # classifier-free training: the null label num_classes (CFG Alg. 1)
                 y = torch.where(draws["drop"], torch.full_like(y, self.cfg.model.num_classes), y)
             out["y"] = y
-        if self.cfg.is_text:
+        if self.cfg.is_text or self.unclip:
             captions = list(batch["caption"])
             if "drop" in draws:
                 captions = ["" if d else c for c, d in zip(captions, draws["drop"].tolist(), strict=True)]
+        if self.cfg.is_text:
             out["tokens"], out["mask"] = self.tokens(captions, batch["x0"].device)
+        if self.unclip == "prior":
+            out.update(self.embedder(batch["x0"].device).prior_cond(captions))
+        if self.unclip == "decoder":
+            embedder = self.embedder(batch["x0"].device)
+            out.update(embedder.decoder_cond(captions, embedder.image(batch["x0"])))
+            if "clip_drop" in draws:
+                out["y_drop"] = draws["clip_drop"].to(batch["x0"].device)
         if getattr(self.cfg.model, "low_res_channels", 0):
             out.update(self.low_res_kwargs(batch["low_res"], draws))
         if self.inpaint:  # GLIDE: the known pixels and the mask (1 = known); the loss stays over the whole image
@@ -149,8 +184,11 @@ class DiffusionTask(Task):
         return {"low_res": low_res}
 
     def losses(self, model: nn.Module, batch: dict[str, Any], draws: dict[str, Tensor]) -> dict[str, Tensor]:
-        return training_losses(self._denoiser(model), batch["x0"], draws["t"], loss_type=self.loss_type,
-                               noise=draws["noise"], model_kwargs=self.model_kwargs(batch, draws))
+        x0 = batch["x0"]
+        if self.unclip == "prior":  # unCLIP's prior diffuses the image embedding e_i (L = ||f(e_t, t, y) - e_i||^2)
+            x0 = self.embedder(x0.device).image(x0)
+        return training_losses(self._denoiser(model), x0, draws["t"], loss_type=self.loss_type,
+                               noise=draws["noise"].to(x0), model_kwargs=self.model_kwargs(batch, draws))
 
     def after_step(self, draws: dict[str, Tensor], terms: dict[str, Tensor]) -> None:
         if not isinstance(self.timestep_sampler, LossSecondMomentResampler):
@@ -190,6 +228,13 @@ class DiffusionTask(Task):
                 from difflab.inpaint import random_masks
 
                 known = {"inpaint_image": first["x0"][:n], "inpaint_mask": random_masks(range(n), side)}
+        if self.unclip == "decoder":  # reconstructions: the first images' embeddings and captions
+            first = trainer.source.batch(0)
+            n = min(GRID_IMAGES, len(first["x0"]))
+            embedder = self.embedder(trainer.device)
+            known["cond"] = embedder.decoder_cond(first["caption"][:n], embedder.image(first["x0"][:n]))
+            known["null_cond"] = embedder.decoder_null()
+            prompts = None
         x, _ = draw_samples(build_denoiser(self.cfg, net), self.cfg, n=n, low_res=low_res, prompts=prompts,
                             distributed=False, progress=False, **known)
         path = trainer.run_dir / "samples" / f"step_{trainer.step:07d}.png"

@@ -20,24 +20,50 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="convert an official OpenAI checkpoint (.pt) into a difflab checkpoint folder",
-        description="Convert an official improved-diffusion / guided-diffusion state dict into "
-        "DIR/model.safetensors + DIR/config.yaml, checking every key and shape.",
+        description="Convert an official improved-diffusion / guided-diffusion / GLIDE / Karlo state dict (--preset), "
+        "or an OpenAI / OpenCLIP ViT CLIP (--family clip), into DIR/model.safetensors + DIR/config.yaml, checking "
+        "every key and shape.",
     )
     p.add_argument("src", metavar="SRC.pt", nargs="+", help="the official checkpoint (loaded with weights_only=True); "
-                   "GLIDE's noised CLIP (--preset glide/clip): its two files, clip/image-enc and clip/text-enc")
-    p.add_argument("--preset", required=True, metavar="NAME",
-                   help="network preset, e.g. guided-diffusion/256x256_diffusion (see docs/networks.md)")
+                   "GLIDE's noised CLIP (--preset glide/clip): its two files, clip/image-enc and clip/text-enc; "
+                   "--family clip: a .safetensors, a state dict (.pt / .bin, e.g. open_clip_pytorch_model.bin) or "
+                   "OpenAI's released TorchScript archive (ViT-L-14.pt; its tensors only)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", metavar="NAME",
+                       help="network preset, e.g. guided-diffusion/256x256_diffusion (see docs/networks.md)")
+    which.add_argument("--family", choices=("clip",),
+                       help="clip: an OpenAI / OpenCLIP ViT CLIP, its config read off the weights' shapes "
+                       "(docs/unclip.md)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--vocab", metavar="DIR", help="GLIDE U-Nets: the GPT-2 BPE folder (glide-text2im's "
                    "glide_text2im/tokenizer; default: that of an installed glide_text2im), copied into DIR/tokenizer; "
-                   "GLIDE's noised CLIP: CLIP's bpe_simple_vocab_16e6.txt.gz or its folder (same default)")
+                   "GLIDE's noised CLIP: CLIP's bpe_simple_vocab_16e6.txt.gz or its folder (same default); "
+                   "--family clip: the same file, copied if given")
+    p.add_argument("--activation", choices=("quick_gelu", "gelu"),
+                   help="--family clip: the MLP activation, which the weights cannot tell (default quick_gelu): "
+                   "quick_gelu for OpenAI's released CLIPs (and OpenCLIP's 'openai' / *-quickgelu models), gelu for "
+                   "OpenCLIP's LAION / DataComp-trained ViTs (e.g. ViT-H-14 laion2b_s32b_b79k)")
+    p.add_argument("--vision-heads", type=int, metavar="N", help="--family clip: heads of the image tower "
+                   "(default width / 64, OpenAI's rule)")
+    p.add_argument("--text-heads", type=int, metavar="N", help="--family clip: heads of the text tower "
+                   "(default width / 64, OpenAI's rule)")
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from difflab.convert import convert_checkpoint
+    from difflab.convert import convert_checkpoint, convert_clip
 
-    out = convert_checkpoint(args.src, args.preset, args.out, vocab=args.vocab)
+    if args.family == "clip":
+        if len(args.src) != 1:
+            raise ValueError(f"--family clip converts one checkpoint file; got {len(args.src)}")
+        out = convert_clip(args.src[0], args.out, activation=args.activation or "quick_gelu",
+                           vision_heads=args.vision_heads, transformer_heads=args.text_heads, vocab=args.vocab)
+    else:
+        clip_only = [f"--{n.replace('_', '-')}" for n in ("activation", "vision_heads", "text_heads")
+                     if getattr(args, n) is not None]
+        if clip_only:
+            raise ValueError(f"{', '.join(clip_only)}: only with --family clip")
+        out = convert_checkpoint(args.src, args.preset, args.out, vocab=args.vocab)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.yaml'}")
     return 0
 

@@ -16,7 +16,12 @@ num_classes, super-resolution input, use_scale_shift_norm, resblock_updown, ...)
 cannot reveal (num_heads vs num_head_channels, the attention order) are checked against the official
 flags when they are given (``flags=``).
 
-Loading is safe: ``torch.load(..., weights_only=True)`` never unpickles code.
+CLIP (:func:`convert_clip`): OpenAI's ViT CLIPs and OpenCLIP's ViT models keep OpenAI's parameter names, which
+``difflab.nn.openai_clip.CLIP`` uses too, so the key map is the identity; the config is read off the shapes as
+openai/CLIP's ``build_model`` does, and the activation (not in the weights) is said by the caller.
+
+Loading is safe: ``torch.load(..., weights_only=True)`` never unpickles code. The one exception to "a state dict or
+safetensors" is OpenAI's released CLIP archives, which are TorchScript: see :func:`read_clip_state_dict`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from difflab.fileio import atomic_write_with, require_new_folder
 from difflab.nn.classifier import ClassifierConfig
 from difflab.nn.clip import NoisedCLIPConfig
 from difflab.nn.clip_unet import DecoderUNetConfig
+from difflab.nn.openai_clip import CLIPConfig
 from difflab.nn.presets import build_network, config_from_official_flags, get_preset
 from difflab.nn.prior import PriorConfig
 from difflab.nn.progressive_sr import ProgressiveSRConfig
@@ -65,6 +71,10 @@ __all__ = [
     "clip_vocab_file",
     "convert_noised_clip",
     "check_karlo_state_dict",
+    "read_clip_state_dict",
+    "clip_config_from_state_dict",
+    "check_clip_state_dict",
+    "convert_clip",
 ]
 
 # Official key prefix -> difflab key prefix. improved-/guided-diffusion keys are difflab keys as they are;
@@ -525,10 +535,234 @@ def convert_noised_clip(
     if preset is not None:
         meta["preset"] = preset
     out = save_converted(mapped, config, out_dir, metadata=meta)
+    _copy_clip_vocab(vocab_file, out)
+    return out
+
+
+# CLIP (openai/CLIP's ViT models, OpenCLIP's ViT models with OpenAI's layout): difflab.nn.openai_clip.CLIP keeps
+# OpenAI's parameter names, so the key map is the identity; the config is read off the shapes as OpenAI's
+# build_model does. Keys a checkpoint may hold that are no parameters: OpenAI's released archives keep the three
+# build_model deletes; OpenCLIP's older files the causal text mask (a buffer); a trace of difflab's own CLIP its
+# mask and the preprocessing mean / std (non-persistent buffers, so not in its state_dict).
+CLIP_OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+CLIP_BUFFERS = ("attn_mask", "image_mean", "image_std")
+_CLIP_ACTIVATION_HELP = ("quick_gelu for OpenAI's released CLIPs (and OpenCLIP's 'openai' / *-quickgelu models), gelu "
+                         "for OpenCLIP's LAION / DataComp-trained ViTs (e.g. ViT-H-14 laion2b_s32b_b79k)")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript zip (``torch.jit.save``: a ``code/`` folder and ``constants.pkl``), not a ``torch.save`` zip."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a CLIP checkpoint file and its format (``safetensors``, ``pt`` or ``torchscript``).
+
+    - ``.safetensors``: read as it is.
+    - OpenAI's released archives (``ViT-L-14.pt``, ...) are TorchScript zips: their tensors are read with
+      ``torch.jit.load(path, map_location="cpu").state_dict()``, as openai/CLIP's ``clip.load(jit=False)`` does.
+      TorchScript is not pickled Python: its loader resolves no Python globals, and no method of the loaded module
+      is called here (only torch's own ``state_dict``). It does compile the archive's TorchScript code, so take
+      such archives from OpenAI's release only; anything else converts from a safetensors file or a state dict.
+    - Anything else (OpenCLIP's ``open_clip_pytorch_model.bin``, a ``torch.save`` state dict, an OpenCLIP training
+      checkpoint ``{"state_dict": {"module.*": ...}}``): ``torch.load(weights_only=True)``, which never unpickles code.
+
+    Raises FileNotFoundError for a missing file, ValueError (one line) for an unreadable one or no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path)), "safetensors"
+        except Exception as e:  # safetensors' errors are of several types
+            raise ValueError(f"cannot read safetensors file {path}: {' '.join(str(e).split()) or type(e).__name__}") \
+                from None
+    if _is_torchscript(path):
+        import warnings
+
+        try:
+            with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; OpenAI's archives are TorchScript
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated",
+                                        category=DeprecationWarning)
+                sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as e:  # a damaged archive fails in the TorchScript loader in many ways
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ValueError(f"cannot read TorchScript archive {path}: {first}") from None
+        return sd, "torchscript"
+    sd = load_weights_only(path, what="CLIP checkpoint")
+    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):  # an OpenCLIP training checkpoint
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of key -> tensor)")
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return dict(sd), "pt"
+
+
+def _clip_int(value: Any) -> int | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def clip_config_from_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    *,
+    activation: str = "quick_gelu",
+    vision_heads: int | None = None,
+    transformer_heads: int | None = None,
+) -> CLIPConfig:
+    """The :class:`CLIPConfig` of an OpenAI-layout ViT CLIP state dict, read off its shapes as openai/CLIP's
+    ``build_model`` does: vision_width = rows of ``visual.conv1.weight``, vision_layers = count of
+    ``visual.*.attn.in_proj_weight``, patch = its kernel side, image_resolution = patch * sqrt(positions - 1),
+    embed_dim = columns of ``text_projection``, context_length = rows of ``positional_embedding``, vocab_size = rows
+    of ``token_embedding.weight``, transformer_width = ``ln_final.weight``'s size, transformer_layers = count of
+    ``transformer.resblocks.{i}``, and heads = width / 64 (both towers, OpenAI's rule; ``vision_heads`` /
+    ``transformer_heads`` override it for models trained otherwise, e.g. OpenCLIP's ViT-g-14 with 88-wide heads).
+
+    The activation is not in the weights: ``activation`` says it (quick_gelu: OpenAI; gelu: OpenCLIP's LAION models).
+
+    Raises ValueError (one line) for a ResNet CLIP, a state dict without the keys the shapes are read from, or shapes
+    that give no valid config.
+    """
+    if activation not in ("quick_gelu", "gelu"):
+        raise ValueError(f"activation: {activation!r} is not one of 'quick_gelu', 'gelu' ({_CLIP_ACTIVATION_HELP})")
+    if "visual.layer1.0.conv1.weight" in sd or "visual.attnpool.positional_embedding" in sd:
+        raise ValueError("this is a ResNet CLIP (RN50, RN101, RN50x*): difflab's CLIP is the ViT one (ViT-B/32, "
+                         "ViT-B/16, ViT-L/14, ...)")
+    needed = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+              "positional_embedding", "token_embedding.weight", "ln_final.weight")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise ValueError(f"not an OpenAI-layout ViT CLIP state dict: {_listing('missing keys', missing)}")
+    shapes = {k: tuple(sd[k].shape) for k in needed}
+    if len(shapes["visual.conv1.weight"]) != 4 or len(shapes["visual.positional_embedding"]) != 2 \
+            or len(shapes["text_projection"]) != 2 or len(shapes["positional_embedding"]) != 2 \
+            or len(shapes["token_embedding.weight"]) != 2 or len(shapes["ln_final.weight"]) != 1:
+        raise ValueError("not an OpenAI-layout ViT CLIP state dict: shapes "
+                         + ", ".join(f"{k} {list(s)}" for k, s in shapes.items()))
+    vision_width, patch = shapes["visual.conv1.weight"][0], shapes["visual.conv1.weight"][-1]
+    positions = shapes["visual.positional_embedding"][0]
+    grid = round((positions - 1) ** 0.5)
+    if grid < 1 or grid * grid + 1 != positions:
+        raise ValueError(f"visual.positional_embedding has {positions} rows, not 1 + a square number of patches")
+    width = shapes["ln_final.weight"][0]
+    for name, w, given in (("vision", vision_width, vision_heads), ("text", width, transformer_heads)):
+        if given is None and w < 64:
+            raise ValueError(f"{name} width {w} < 64: heads = width / 64 (OpenAI's rule) gives none; say the heads "
+                             f"({'vision_heads' if name == 'vision' else 'transformer_heads'})")
+    layers_text = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    config = CLIPConfig(
+        embed_dim=shapes["text_projection"][1],
+        image_resolution=patch * grid,
+        vision_layers=sum(1 for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")),
+        vision_width=vision_width,
+        vision_patch_size=patch,
+        vision_heads=vision_heads,
+        context_length=shapes["positional_embedding"][0],
+        vocab_size=shapes["token_embedding.weight"][0],
+        transformer_width=width,
+        transformer_heads=transformer_heads if transformer_heads is not None else width // 64,
+        transformer_layers=layers_text,
+        activation=activation,
+    )
+    config.validate()
+    for key in CLIP_OPENAI_EXTRAS:  # OpenAI's archives say these again: they must agree with the shapes
+        held, inferred = _clip_int(sd.get(key)), getattr(config, "image_resolution" if key == "input_resolution"
+                                                         else key)
+        if key in sd and held != inferred:
+            raise ValueError(f"the checkpoint's {key} is {held if held is not None else sd[key]!r} but its shapes "
+                             f"give {inferred}")
+    return config
+
+
+def check_clip_state_dict(model: nn.Module, sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """:func:`check_state_dict` for difflab's ``CLIP`` and an OpenAI / OpenCLIP state dict, after dropping the keys
+    that are no parameters (``CLIP_OPENAI_EXTRAS``; ``CLIP_BUFFERS``, the mean / std checked to be OpenAI's).
+
+    Raises ValueError (one line) naming the missing and unexpected keys and the shape mismatches.
+    """
+    from difflab.nn.openai_clip import OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD
+
+    for key, expected in (("image_mean", OPENAI_IMAGE_MEAN), ("image_std", OPENAI_IMAGE_STD)):
+        value = sd.get(key)
+        if isinstance(value, torch.Tensor) and (value.numel() != 3 or not torch.allclose(
+                value.float().flatten().cpu(), torch.tensor(expected), atol=1e-6)):
+            raise ValueError(f"the checkpoint's {key} is {value.flatten().tolist()}, not OpenAI's {list(expected)}: "
+                             "difflab's CLIP normalises images with OpenAI's statistics")
+    drop = set(CLIP_OPENAI_EXTRAS) | set(CLIP_BUFFERS)
+    try:
+        return check_state_dict(model, {k: v for k, v in sd.items() if k not in drop})
+    except ValueError as e:
+        hint = ""
+        if "logit_bias" in sd:
+            hint = "; logit_bias is a SigLIP model's (not CLIP)"
+        elif any(".ls_1." in k for k in sd):
+            hint = "; ls_1 / ls_2 are OpenCLIP's layer scale, which difflab's CLIP has not"
+        raise ValueError(f"{e}{hint}") from None
+
+
+def _copy_clip_vocab(vocab_file: Path, out: Path) -> None:
+    """CLIP's BPE file into ``out/tokenizer`` (gzipped or not, as found), written atomically."""
     dest = out / "tokenizer"
     dest.mkdir()
     data = vocab_file.read_bytes()
     atomic_write_with(dest / vocab_file.name, lambda p: p.write_bytes(data))
+
+
+def convert_clip(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    activation: str = "quick_gelu",
+    vision_heads: int | None = None,
+    transformer_heads: int | None = None,
+    vocab: str | os.PathLike | None = None,
+) -> Path:
+    """An OpenAI or OpenCLIP ViT CLIP checkpoint (:func:`read_clip_state_dict`: safetensors, a weights-only state
+    dict, OpenAI's TorchScript archive) -> a difflab folder that :func:`load_converted` turns into
+    :class:`difflab.nn.openai_clip.CLIP`: ``model.safetensors`` (the weights under OpenAI's names, in the file's
+    dtype: OpenAI's releases are float16), ``config.yaml`` (the :class:`CLIPConfig` the shapes give,
+    :func:`clip_config_from_state_dict`, with ``activation``) and, with ``vocab``, ``tokenizer/`` holding CLIP's BPE
+    (:func:`clip_vocab_file`).
+
+    Raises FileNotFoundError for a missing file; ValueError (one line) for an unreadable file, a pickle with Python
+    objects, a state dict that is no ViT CLIP, missing / unexpected keys or wrong shapes.
+    """
+    from difflab.nn.openai_clip import CLIP
+
+    path = Path(src)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    require_new_folder(out_dir, "--out")  # before reading a large checkpoint
+    vocab_file = clip_vocab_file(vocab) if vocab is not None else None
+    sd, fmt = read_clip_state_dict(path)
+    bad_values = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad_values:
+        raise ValueError(f"{path}: " + _listing("state dict values that are not tensors", bad_values))
+    try:
+        config = clip_config_from_state_dict(sd, activation=activation, vision_heads=vision_heads,
+                                             transformer_heads=transformer_heads)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if vocab_file is not None and config.vocab_size != 49408:
+        raise ValueError(f"--vocab: {path} has {config.vocab_size} token rows; CLIP's BPE has 49,408 ids")
+    with torch.device("meta"):
+        model = CLIP(config)
+    try:
+        mapped = check_clip_state_dict(model, sd)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    meta = {"source": path.name, "format": fmt, "family": "clip", "activation": activation}
+    out = save_converted(mapped, config, out_dir, metadata=meta)
+    if vocab_file is not None:
+        _copy_clip_vocab(vocab_file, out)
     return out
 
 
@@ -542,6 +776,8 @@ def converted_network_config(out_dir: str | os.PathLike) -> UNetConfig | Classif
     d = yaml.safe_load(cfg_path.read_text())
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_path} is not a mapping of config fields")
+    if "vision_patch_size" in d:  # CLIP in OpenAI's layout (convert_clip)
+        return from_dict(CLIPConfig, d)
     if "n_xf_blocks_image" in d:  # GLIDE's noised CLIP (convert_noised_clip)
         return from_dict(NoisedCLIPConfig, d)
     if "clip_dim" in d:  # Karlo's prior or decoder; its upsampler is the pair of U-Nets under "unet"
@@ -552,8 +788,15 @@ def converted_network_config(out_dir: str | os.PathLike) -> UNetConfig | Classif
 
 
 def load_converted(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the network of a difflab checkpoint folder and load its ``model.safetensors`` (strict)."""
-    model = build_network(converted_network_config(out_dir))
+    """Build the network of a difflab checkpoint folder and load its ``model.safetensors`` (strict); a converted CLIP
+    (:func:`convert_clip`) is a :class:`difflab.nn.openai_clip.CLIP` in float32."""
+    config = converted_network_config(out_dir)
+    if isinstance(config, CLIPConfig):
+        from difflab.nn.openai_clip import CLIP
+
+        model = CLIP(config)
+    else:
+        model = build_network(config)
     model.load_state_dict(load_file(str(Path(out_dir) / "model.safetensors"), device=str(device)), strict=True)
     return model.to(device)
 
@@ -615,6 +858,9 @@ def converted_run_config(folder: str | os.PathLike):
     if isinstance(net, NoisedCLIPConfig):
         raise ValueError(f"{out} holds a converted noised CLIP, not a diffusion U-Net: guide a text run with it "
                          "(difflab sample RUN --prompt TEXT --clip FOLDER --clip-scale S)")
+    if isinstance(net, CLIPConfig):
+        raise ValueError(f"{out} holds a converted CLIP, not a diffusion U-Net: load it in Python with "
+                         "difflab.convert.load_converted (docs/unclip.md)")
     if isinstance(net, _KARLO_CONFIGS):
         raise ValueError(f"{out} holds a converted Karlo (unCLIP) network; its sampling pipeline is not built yet "
                          "(docs/unclip.md): load it in Python with difflab.convert.load_converted")

@@ -71,11 +71,11 @@ BATCH, N_TRAIN = 32, 20_000
 
 
 def load_difflab_clip(run: str | None):
-    """difflab's CLIP (eval mode, with ``.tokenizer``): ``load_clip(RUN)``, or the random tiny one (seed 0)."""
+    """difflab's CLIP (eval mode, with ``.tokenizer``): ``difflab.clip_features.load_clip(RUN)``, or the random tiny one (seed 0)."""
     import torch
 
     if run is not None:
-        from difflab.train.tasks.clip import load_clip
+        from difflab.clip_features import load_clip
 
         return load_clip(run)
     from difflab.data.scenes import SCENE_WORDS

@@ -209,8 +209,11 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     from difflab.generate import sample_and_evaluate, sample_run
     from difflab.pipelines.cascade import is_cascade_file
+    from difflab.pipelines.unclip import is_unclip_file
     from difflab.train.distributed import is_main
 
+    if is_unclip_file(args.run):
+        return _run_sample_unclip(args)
     if is_cascade_file(args.run) or (Path(args.run).is_file() and Path(args.run).suffix.lower() in (".yaml", ".yml")):
         return _run_sample_cascade(args)  # a YAML file is read as a cascade, so its own errors are the ones said
     if args.stages is not None:
@@ -269,6 +272,89 @@ def _run_sample_cascade(args: argparse.Namespace) -> int:
     for path in sample_cascade_file(args.run, n=args.n, seed=args.seed, label=args.label, batch=args.batch,
                                     grid=args.grid, npz=args.npz, stages_dir=args.stages, prompts=_prompts(args),
                                     progress=not args.quiet):
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_sample_unclip(args: argparse.Namespace) -> int:
+    """``difflab sample UNCLIP.yaml --prompt ...``: prior, decoder and upsamplers (docs/unclip.md)."""
+    from difflab.pipelines.unclip import sample_unclip_file
+
+    per_part = [flag for flag, value in (
+        ("--sampler", args.sampler), ("--steps", args.steps), ("--eta", args.eta), ("--guidance", args.guidance),
+        ("--classifier", args.classifier), ("--classifier-scale", args.classifier_scale), ("--ema", args.ema),
+        ("--checkpoint", args.checkpoint), ("--low-res", args.low_res), ("--aug-level", args.aug_level),
+        ("--bf16", args.bf16), ("--eval", args.eval or None), ("--clip", args.clip), ("--label", args.label),
+        ("--clip-scale", args.clip_scale)) if value is not None]
+    if per_part:
+        raise ValueError(f"{', '.join(per_part)}: set per part (prior, decoder, upsamplers) in the unCLIP file "
+                         f"{args.run} (valid here: --n, --seed, --batch, --prompt, --prompts, --grid, --npz, --stages)")
+    prompts = _prompts(args)
+    if not prompts:
+        raise ValueError("an unCLIP file draws images of captions: give --prompt TEXT (repeatable) or --prompts FILE")
+    for path in sample_unclip_file(args.run, prompts, n=args.n, seed=args.seed, batch=args.batch, grid=args.grid,
+                                   npz=args.npz, stages_dir=args.stages):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_unclip_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", metavar="UNCLIP.yaml", help="an unCLIP file: prior, decoder (and upsamplers) runs "
+                   "(docs/unclip.md)")
+
+
+def _add_manipulation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=_steps_arg, metavar="K", help="DDIM steps of the inversion and the regeneration "
+                   "(default: the decoder's)")
+    p.add_argument("--guidance", type=float, metavar="W", help="the decoder's classifier-free guidance weight, in the "
+                   "inversion and the regeneration (default: the decoder's)")
+    p.add_argument("--seed", type=int, help="noise seed (default: the file's)")
+    p.add_argument("--out", metavar="FILE.png", help="write a PNG grid here (never overwritten)")
+    p.add_argument("--npz", metavar="FILE.npz", help="write the images (uint8 NHWC) here")
+
+
+def _add_vary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vary", help="image variations with an unCLIP pipeline (DDIM inversion, then eta > 0)",
+                       description="Draw --n variations of IMAGE: its CLIP image embedding and its DDIM-inverted "
+                       "latent x_T decoded by DDIM with --eta (0 reconstructs the image; unCLIP Sec. 3.1). Writes "
+                       "--out and/or --npz; with neither, IMAGE_variations.png and .npz beside it.")
+    _add_unclip_arguments(p)
+    p.add_argument("image", metavar="IMAGE", help="a PNG at the decoder's size and channels")
+    p.add_argument("--n", type=int, default=8, help="number of variations (default 8)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the regeneration (default 1; 0 = the image)")
+    _add_manipulation_arguments(p)
+    p.set_defaults(func=_run_vary)
+
+
+def _run_vary(args: argparse.Namespace) -> int:
+    from difflab.pipelines.unclip import vary_file
+
+    for path in vary_file(args.pipeline, args.image, n=args.n, eta=args.eta, steps=args.steps, seed=args.seed,
+                          guidance=args.guidance, grid=args.out, npz=args.npz):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_interpolate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("interpolate", help="interpolate between two images with an unCLIP pipeline (slerp of z_i)",
+                       description="Draw --k images from A to B: the CLIP image embeddings slerped, the decoder's "
+                       "latent x_T one fixed draw (--latent fixed) or the slerp of the two DDIM inversions (--latent "
+                       "slerp; unCLIP Sec. 3.2). Writes --out and/or --npz; with neither, A_to_B.png and .npz.")
+    _add_unclip_arguments(p)
+    p.add_argument("a", metavar="A", help="the first image (PNG at the decoder's size)")
+    p.add_argument("b", metavar="B", help="the last image (same size)")
+    p.add_argument("--k", type=int, default=8, help="images including both ends (default 8)")
+    p.add_argument("--latent", choices=["fixed", "slerp"], default="fixed", help="x_T: one fixed draw, or the slerp "
+                   "of the inversions (default fixed)")
+    _add_manipulation_arguments(p)
+    p.set_defaults(func=_run_interpolate)
+
+
+def _run_interpolate(args: argparse.Namespace) -> int:
+    from difflab.pipelines.unclip import interpolate_file
+
+    for path in interpolate_file(args.pipeline, args.a, args.b, k=args.k, latent=args.latent, steps=args.steps,
+                                 seed=args.seed, guidance=args.guidance, grid=args.out, npz=args.npz):
         print(f"wrote {path}")
     return 0
 
@@ -439,8 +525,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_train, _add_sample, _add_inpaint, _add_nll, _add_info, _add_convert, _add_eval, _add_data,
-                _add_gather, _add_serve]
+_SUBCOMMANDS = [_add_train, _add_sample, _add_inpaint, _add_vary, _add_interpolate, _add_nll, _add_info, _add_convert,
+                _add_eval, _add_data, _add_gather, _add_serve]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -66,26 +66,26 @@ def _check_side(arr: np.ndarray, side: int, path, flag: str) -> None:
         raise ValueError(f"{flag} {path} is {w}x{h}; this run's images are {side}x{side}")
 
 
-def read_image_file(path: str | os.PathLike, channels: int, side: int) -> torch.Tensor:
-    """The image to inpaint: float32 ``[1, channels, side, side]`` in [-1, 1] (x / 127.5 - 1); ValueError if its
-    size or channels do not fit."""
+def read_image_file(path: str | os.PathLike, channels: int, side: int, flag: str = "--image") -> torch.Tensor:
+    """The image to inpaint (or vary): float32 ``[1, channels, side, side]`` in [-1, 1] (x / 127.5 - 1); ValueError
+    naming ``flag`` if its size or channels do not fit."""
     from difflab.data import uint8_to_float
 
-    return uint8_to_float(_image_pixels(path, channels, side)[None])
+    return uint8_to_float(_image_pixels(path, channels, side, flag)[None])
 
 
-def _image_pixels(path: str | os.PathLike, channels: int, side: int) -> np.ndarray:
+def _image_pixels(path: str | os.PathLike, channels: int, side: int, flag: str = "--image") -> np.ndarray:
     """uint8 ``[side, side, channels]`` of the image file (see :func:`read_image_file`)."""
-    arr = _read_pixels(path, "--image")
-    _check_side(arr, side, path, "--image")
+    arr = _read_pixels(path, flag)
+    _check_side(arr, side, path, flag)
     if channels == 1 and arr.shape[-1] == 3:
         if not _is_grey(arr):
-            raise ValueError(f"--image {path} is a colour (RGB) image; this run makes greyscale (1-channel) images")
+            raise ValueError(f"{flag} {path} is a colour (RGB) image; this run makes greyscale (1-channel) images")
         arr = arr[..., :1]
     if channels == 3 and arr.shape[-1] == 1:
-        raise ValueError(f"--image {path} is a greyscale image; this run makes RGB (3-channel) images")
+        raise ValueError(f"{flag} {path} is a greyscale image; this run makes RGB (3-channel) images")
     if arr.shape[-1] != channels:
-        raise ValueError(f"--image {path} has {arr.shape[-1]} channels; this run makes {channels}-channel images")
+        raise ValueError(f"{flag} {path} has {arr.shape[-1]} channels; this run makes {channels}-channel images")
     return arr
 
 

@@ -134,6 +134,7 @@ def make_adapter(clip):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=8.0, help="training CPU minutes per network (process CPU time)")
+    ap.add_argument("--prior-minutes", type=float, default=None, help="the prior's CPU minutes (default --minutes)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=250)
@@ -203,7 +204,8 @@ def main() -> int:
             model.train()
             clip.eval()
             steps, clip_cpu, t0, cpu0 = 0, 0.0, time.perf_counter(), time.process_time()
-            while time.process_time() - cpu0 < args.minutes * 60:  # CPU time, as difflab's --max-cpu-minutes
+            budget = args.prior_minutes if name == "prior" and args.prior_minutes is not None else args.minutes
+            while time.process_time() - cpu0 < budget * 60:  # CPU time, as difflab's --max-cpu-minutes
                 idx = torch.randint(0, N_TRAIN, (BATCH,), generator=g)
                 x = train_images[idx]
                 c0 = time.process_time()

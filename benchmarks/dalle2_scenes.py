@@ -71,7 +71,8 @@ BATCH, N_TRAIN = 32, 20_000
 
 
 def load_difflab_clip(run: str | None):
-    """difflab's CLIP (eval mode, with ``.tokenizer``): ``difflab.clip_features.load_clip(RUN)``, or the random tiny one (seed 0)."""
+    """difflab's CLIP (eval mode, with ``.tokenizer``): ``difflab.clip_features.load_clip(RUN)``, or the random
+    tiny one (seed 0)."""
     import torch
 
     if run is not None:

@@ -211,3 +211,35 @@ def test_the_glide_configs_have_the_papers_sizes(name, params):
     assert sum(p.numel() for p in net.parameters()) == params
     assert cfg.text.tokenizer == "gpt2" and cfg.model.text.n_vocab == 50257 and cfg.data.captions
     assert cfg.train.parallel == ("ddp" if name.endswith("300m") else "fsdp")
+
+
+@pytest.mark.parametrize("name, kind, params", [("unclip-prior-1b", "prior", 1_022_028_544),
+                                                ("unclip-decoder-900m", "decoder", 893_318_086)])
+def test_the_unclip_configs_have_karlos_sizes(name, kind, params):
+    """The full-size prior and decoder: Karlo's released networks (released.json counts), the paper's dropout
+    (captions 10% for the prior, 50% and the image embedding 10% for the decoder), FSDP, a CLIP named."""
+    import torch
+
+    from difflab.nn.presets import build_network
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    with torch.device("meta"):
+        net = build_network(cfg.model)
+    assert cfg.unclip_kind == kind and sum(p.numel() for p in net.parameters()) == params
+    assert cfg.diffusion.p_uncond == (0.1 if kind == "prior" else 0.5) and cfg.train.parallel == "fsdp"
+    assert cfg.clip.run is not None and cfg.data.captions
+    if kind == "decoder":
+        assert cfg.model.clip_emb_drop == 0.1
+
+
+def test_a_preset_picks_its_own_config_class():
+    """{preset: karlo/prior} in the model section is a PriorConfig (not the first option, a UNetConfig), and a
+    mapping that names no preset still picks the config whose fields hold its keys."""
+    from difflab.config import config_from_dict
+    from difflab.nn.prior import PriorConfig
+
+    base = {"data": {"source": "scenes", "captions": True}, "clip": {"run": "somewhere"},
+            "diffusion": {"mean_type": "x0", "var_type": "fixed_small"}}
+    assert isinstance(config_from_dict({**base, "model": {"preset": "karlo/prior"}}).model, PriorConfig)
+    cfg = config_from_dict({**base, "model": {"xf_layers": 2, "xf_width": 32, "xf_heads": 2, "clip_dim": 8}})
+    assert isinstance(cfg.model, PriorConfig) and cfg.model.xf_layers == 2

@@ -133,6 +133,13 @@ def _convert(tp: Any, value: Any, path: tuple[str, ...]) -> Any:
             raise ConfigError(path, f"must not be null (expected {_type_name(tp)})")
         options = [a for a in args if a is not type(None)]
         classes = [o for o in options if dataclasses.is_dataclass(o)]
+        if isinstance(value, Mapping) and len(classes) > 1 and "preset" in value:
+            try:  # {preset: NAME, ...}: the preset's own config class, when it is one of the options
+                kind = type(_preset(str(value["preset"]), path))
+            except ConfigError:
+                kind = None
+            if kind in classes:
+                return _convert(kind, value, path)
         if isinstance(value, Mapping) and len(classes) > 1:
             # a mapping for one of several configs: the first whose fields hold every key (else the first, so
             # that its error names the unknown key)

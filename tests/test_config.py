@@ -243,3 +243,18 @@ def test_a_preset_picks_its_own_config_class():
     assert isinstance(config_from_dict({**base, "model": {"preset": "karlo/prior"}}).model, PriorConfig)
     cfg = config_from_dict({**base, "model": {"xf_layers": 2, "xf_width": 32, "xf_heads": 2, "clip_dim": 8}})
     assert isinstance(cfg.model, PriorConfig) and cfg.model.xf_layers == 2
+
+
+def test_the_unclip_upsampler_is_unconditional_blurred_and_without_attention():
+    """unCLIP's upsamplers: no caption, no attention anywhere, blur augmentation, trained on quarter-area crops
+    and sampling the whole 32x32 scene from its 16x16 one."""
+    import torch
+
+    from difflab.nn.presets import build_network
+
+    cfg = load_config(CONFIGS / "scenes-unclip-sr16-32.yaml")
+    assert cfg.augment.kind == "blur" and not cfg.is_text and cfg.model.attention_resolutions == ()
+    assert (cfg.data.sample_size, cfg.data.sample_low_res_size) == (32, 16) and cfg.data.random_crop
+    with torch.device("meta"):
+        net = build_network(cfg.model)
+    assert not any("attn" in name or "qkv" in name for name, _ in net.named_parameters())

@@ -159,7 +159,7 @@ def test_model_section_explicit_fields_and_wrong_preset_kind():
     assert isinstance(cfg, Config)
 
 
-RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.endswith(".cascade.yaml"))
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.endswith((".cascade.yaml", ".unclip.yaml")))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
@@ -258,3 +258,16 @@ def test_the_unclip_upsampler_is_unconditional_blurred_and_without_attention():
     with torch.device("meta"):
         net = build_network(cfg.model)
     assert not any("attn" in name or "qkv" in name for name, _ in net.named_parameters())
+
+
+def test_the_scenes_unclip_file_names_the_shipped_miniatures():
+    """configs/scenes.unclip.yaml is an unCLIP file (no run config) whose prior and decoder are the runs of the
+    shipped scenes-unclip configs, relative to the file."""
+    from difflab.pipelines.unclip import is_unclip_file, load_unclip
+
+    path = CONFIGS / "scenes.unclip.yaml"
+    assert is_unclip_file(path) and not any(is_unclip_file(p) for p in RUN_CONFIGS)
+    spec = load_unclip(path)
+    assert Path(spec.prior.run).resolve() == (CONFIGS.parent / "runs/unclip/prior16").resolve()
+    assert Path(spec.decoder.run).resolve() == (CONFIGS.parent / "runs/unclip/decoder16").resolve()
+    assert spec.best_of == 2 and spec.upsamplers == ()

@@ -306,10 +306,10 @@ def draw_samples(
         lo, hi = k * batch, min(n, (k + 1) * batch)
         g = torch.Generator(device).manual_seed(_batch_seed(seed, k))
         start = torch.randn((hi - lo, *shape), generator=g, device=device)
-        if x_T is not None:
-            start = x_T[lo:hi].to(device=device, dtype=start.dtype)
         if sc.temperature != 1:  # GLIDE's upsample_temp: the start only, never the steps' noise
             start = start * sc.temperature
+        if x_T is not None:  # a given latent (a DDIM inversion) is used as it is, never scaled by the temperature
+            start = x_T[lo:hi].to(device=device, dtype=start.dtype)
         model_kwargs = {"y": labels[lo:hi].to(device)} if labels is not None else {}
         model_kwargs.update({k: v[lo:hi].to(device) for k, v in (cond or {}).items()})
         model_kwargs.update(condition.kwargs(lo, hi, g, device))

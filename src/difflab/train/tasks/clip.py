@@ -96,8 +96,11 @@ class CLIPTask(NoisedCLIPTask):
     def sample_grid(self, trainer: Trainer, net: nn.Module) -> Path | None:
         """Append the held-out zero-shot retrieval to ``retrieval.jsonl`` (the CLIP's picture of itself)."""
         path = trainer.run_dir / RETRIEVAL_LOG
-        with open(path, "a") as f:
-            f.write(json.dumps(self.held_out_report(net, trainer)) + "\n")
+        # a resumed run writes again the lines a killed one wrote after its last checkpoint: keep the earlier ones
+        rows = [ln for ln in path.read_text().splitlines() if json.loads(ln)["steps"] < trainer.step] \
+            if path.is_file() else []
+        rows.append(json.dumps(self.held_out_report(net, trainer)))
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
         return path
 
     @torch.no_grad()

@@ -506,4 +506,9 @@ def resolve_train_config(
     if config is None:
         raise ValueError("give a CONFIG file to train (or --resume RUN)")
     cfg = load_config(config, extra)
+    run = getattr(getattr(cfg, "clip", None), "run", None)
+    if isinstance(run, str) and not Path(run).is_absolute():  # an unCLIP prior / decoder: its CLIP, from anywhere
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, run=str(Path(run).resolve())))
     return cfg, Path(out) if out is not None else Path("runs") / Path(config).stem

@@ -97,16 +97,29 @@ class CascadeConfig:
             raise ConfigError(("stages", "0"), "the base stage has no low-res input: no aug_level or truncated")
 
 
-def is_cascade_file(path: str | os.PathLike) -> bool:
-    """True for a YAML file with a top-level ``stages`` list."""
+def yaml_top_level(path: str | os.PathLike) -> dict | None:
+    """The top-level mapping of a readable ``.yaml`` / ``.yml`` file, else None (telling pipeline files apart)."""
     p = Path(path)
     if not p.is_file() or p.suffix.lower() not in (".yaml", ".yml"):
-        return False
+        return None
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and "stages" in data
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def rooted(stage: Any, folder: Path) -> Any:
+    """A stage mapping with its relative ``run`` taken from ``folder`` (a pipeline file's); others unchanged."""
+    if isinstance(stage, dict) and "run" in stage and not Path(str(stage["run"])).is_absolute():
+        return {**stage, "run": str(folder / str(stage["run"]))}
+    return stage
+
+
+def is_cascade_file(path: str | os.PathLike) -> bool:
+    """True for a YAML file with a top-level ``stages`` list."""
+    data = yaml_top_level(path)
+    return data is not None and "stages" in data
 
 
 def load_cascade(path: str | os.PathLike, **overrides: Any) -> CascadeConfig:
@@ -120,11 +133,7 @@ def load_cascade(path: str | os.PathLike, **overrides: Any) -> CascadeConfig:
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
         raise ValueError(f"{p}: a cascade file needs a 'stages' list")
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-    stages = []
-    for stage in data["stages"]:
-        if isinstance(stage, dict) and "run" in stage and not Path(str(stage["run"])).is_absolute():
-            stage = {**stage, "run": str(p.parent / str(stage["run"]))}
-        stages.append(stage)
+    stages = [rooted(stage, p.parent) for stage in data["stages"]]
     try:
         return from_dict(CascadeConfig, {**data, "stages": stages})
     except ConfigError as e:

@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from difflab.clip_features import CLIPEmbedder, load_clip, slerp
 from difflab.config import ConfigError, from_dict, read_yaml
-from difflab.pipelines.cascade import StageConfig
+from difflab.pipelines.cascade import StageConfig, rooted, yaml_top_level
 
 Tensor = torch.Tensor
 LATENTS = ("fixed", "slerp")
@@ -76,14 +75,8 @@ class UnCLIPConfig:
 
 def is_unclip_file(path: str | os.PathLike) -> bool:
     """True for a YAML file with top-level ``prior`` and ``decoder``."""
-    p = Path(path)
-    if not p.is_file() or p.suffix.lower() not in (".yaml", ".yml"):
-        return False
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and "prior" in data and "decoder" in data
+    data = yaml_top_level(path)
+    return data is not None and "prior" in data and "decoder" in data
 
 
 def load_unclip(path: str | os.PathLike, **overrides: Any) -> UnCLIPConfig:
@@ -97,14 +90,8 @@ def load_unclip(path: str | os.PathLike, **overrides: Any) -> UnCLIPConfig:
     if not isinstance(data, dict) or "prior" not in data or "decoder" not in data:
         raise ValueError(f"{p}: an unCLIP file needs 'prior' and 'decoder' (each {{run: FOLDER, ...}})")
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-
-    def rooted(stage):
-        if isinstance(stage, dict) and "run" in stage and not Path(str(stage["run"])).is_absolute():
-            return {**stage, "run": str(p.parent / str(stage["run"]))}
-        return stage
-
-    data["prior"], data["decoder"] = rooted(data["prior"]), rooted(data["decoder"])
-    data["upsamplers"] = [rooted(s) for s in data.get("upsamplers") or []]
+    data["prior"], data["decoder"] = rooted(data["prior"], p.parent), rooted(data["decoder"], p.parent)
+    data["upsamplers"] = [rooted(s, p.parent) for s in data.get("upsamplers") or []]
     try:
         return from_dict(UnCLIPConfig, data)
     except ConfigError as e:

@@ -56,22 +56,11 @@ class CLIPTask(NoisedCLIPTask):
         self.tokenizer()
         return CLIP(self.cfg.clip)
 
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from difflab.build import build_text_tokenizer
+    def vocab_size(self) -> tuple[int, str]:
+        return self.cfg.clip.vocab_size, "clip.vocab_size"
 
-            self._tokenizer = build_text_tokenizer(self.cfg.text, self.cfg.clip.vocab_size, "clip.vocab_size")
-        return self._tokenizer
-
-    def tokens(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        from difflab.clip_guidance import clip_tokens
-
-        missing = [c for c in dict.fromkeys(captions) if c not in self._token_cache]
-        if missing:
-            tokens, lens = clip_tokens(self.tokenizer(), missing, self.cfg.clip.context_length)
-            self._token_cache.update({c: (tokens[i], lens[i]) for i, c in enumerate(missing)})
-        pairs = [self._token_cache[c] for c in captions]
-        return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
+    def text_len(self) -> int:
+        return self.cfg.clip.context_length
 
     def draws(self, batch_size: int, batch: dict[str, Any], generators: dict[str, torch.Generator]
               ) -> dict[str, Tensor]:

@@ -84,15 +84,23 @@ class NoisedCLIPTask(Task):
         if self._tokenizer is None:
             from difflab.build import build_text_tokenizer
 
-            self._tokenizer = build_text_tokenizer(self.cfg.text, self.cfg.clip.n_vocab, "clip.n_vocab")
+            self._tokenizer = build_text_tokenizer(self.cfg.text, *self.vocab_size())
         return self._tokenizer
+
+    def vocab_size(self) -> tuple[int, str]:
+        """The text tower's vocabulary rows and the config field that sets them."""
+        return self.cfg.clip.n_vocab, "clip.n_vocab"
+
+    def text_len(self) -> int:
+        """The text tower's context length."""
+        return self.cfg.clip.max_text_len
 
     def tokens(self, captions: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
         """``tokens`` [N, max_text_len] and ``lens`` [N] (:func:`~difflab.clip_guidance.clip_tokens`), each distinct
         caption tokenised once."""
         missing = [c for c in dict.fromkeys(captions) if c not in self._token_cache]
         if missing:
-            tokens, lens = clip_tokens(self.tokenizer(), missing, self.cfg.clip.max_text_len)
+            tokens, lens = clip_tokens(self.tokenizer(), missing, self.text_len())
             self._token_cache.update({c: (tokens[i], lens[i]) for i, c in enumerate(missing)})
         pairs = [self._token_cache[c] for c in captions]
         return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)

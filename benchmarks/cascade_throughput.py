@@ -1,10 +1,12 @@
-"""Throughput of the cascade miniatures on the CPU: training (img/s of ``Trainer.train_step``, batch 32) of the
-MNIST SR stage (configs/mnist-cascade-sr14-28.yaml, noise augmentation) and of the scenes cascade's text U-Nets
-(configs/scenes-text16.yaml, scenes-sr16-32.yaml, scenes-sr32-64.yaml), and cascade sampling (img/s of a base then
-its SR stage through difflab.pipelines.cascade, ancestral, ``--steps`` steps each: MNIST 14 -> 28, and the text
-scenes 16 -> 32 with the benchmark prompts and classifier-free guidance at the base), in float32 and
-under bf16 autocast, timed in interleaved rounds (fp32 bf16 fp32 ...; the median round is reported). Freshly
-initialised networks: speed does not depend on the weights.
+"""Throughput of the cascade and unCLIP miniatures on the CPU: training (img/s of ``Trainer.train_step``, batch 32)
+of the MNIST SR stage (configs/mnist-cascade-sr14-28.yaml, noise augmentation), of the scenes cascade's text U-Nets
+(configs/scenes-text16.yaml, scenes-sr16-32.yaml, scenes-sr32-64.yaml) and of unCLIP's three networks
+(configs/scenes-unclip-{clip,prior,decoder}16.yaml; the prior and the decoder read a freshly initialised CLIP);
+cascade sampling (img/s of a base then its SR stage through difflab.pipelines.cascade, ancestral, ``--steps``
+steps each: MNIST 14 -> 28, and the text scenes 16 -> 32 with the benchmark prompts and classifier-free guidance at
+the base); unCLIP's text -> image (difflab.pipelines.unclip: the prior by DDIM with best-of-2, then the decoder,
+``--steps`` each). In float32 and under bf16 autocast, timed in interleaved rounds (fp32 bf16 fp32 ...; the median
+round is reported). Freshly initialised networks: speed does not depend on the weights.
 
     python benchmarks/cascade_throughput.py --threads 2 --rounds 1
 
@@ -63,6 +65,44 @@ def sample_rate(base_cfg, sr_cfg, n: int, steps: int, bf16: bool, prompts=None) 
     return n / (time.perf_counter() - t0)
 
 
+def unclip_parts(tmp: Path) -> Path:
+    """A freshly initialised scenes CLIP (configs/scenes-unclip-clip16.yaml, one training step) in ``tmp/clip``:
+    what the prior's and the decoder's ``clip.run`` read."""
+    from difflab.cli import main as difflab
+
+    clip = tmp / "clip"
+    if not clip.exists():
+        sets = ["train.max_steps=1", "train.warmup_steps=1", "data.num_scenes=64", "train.sample_every=1",
+                "train.save_every=1", "eval_examples=32", "export_ema=null"]
+        assert difflab(["train", str(ROOT / "configs" / "scenes-unclip-clip16.yaml"), "--out", str(clip), "--quiet",
+                        *[a for x in sets for a in ("--set", x)]]) == 0
+    return clip
+
+
+def unclip_sample_rate(tmp: Path, n: int, steps: int, bf16: bool) -> float:
+    """img/s of text -> image through difflab.pipelines.unclip (prior DDIM ``steps`` with best-of-2, then the
+    decoder, ancestral ``steps``, w = 2), from one-step runs of the scenes prior and decoder."""
+    from difflab.cli import main as difflab
+    from difflab.data.scenes import reference_captions
+    from difflab.pipelines.cascade import StageConfig
+    from difflab.pipelines.unclip import UnCLIP, UnCLIPConfig
+
+    clip = unclip_parts(tmp)
+    for part in ("prior", "decoder"):
+        if not (tmp / part).exists():
+            sets = [f"clip.run={clip}", "train.max_steps=1", "data.num_scenes=64", "train.save_every=1",
+                    "train.sample_every=1000"]
+            assert difflab(["train", str(ROOT / "configs" / f"scenes-unclip-{part}16.yaml"), "--out", str(tmp / part),
+                            "--quiet", *[a for x in sets for a in ("--set", x)]]) == 0
+    spec = UnCLIPConfig(prior=StageConfig(run=str(tmp / "prior"), sampler="ddim", steps=steps, bf16=bf16),
+                        decoder=StageConfig(run=str(tmp / "decoder"), sampler="ancestral", steps=steps, bf16=bf16,
+                                            guidance=2.0), n=n, batch=n)
+    pipe = UnCLIP(spec)
+    t0 = time.perf_counter()
+    pipe.text_to_image(reference_captions()[:n])
+    return n / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -81,6 +121,8 @@ def main() -> None:
     share = 1 if native else 4
     rows: dict[str, list[float]] = {}
     configs = ROOT / "configs"
+    tmp_dir = tempfile.TemporaryDirectory()
+    tmp = Path(tmp_dir.name)
     for _ in range(args.rounds):
         for bf16 in (False, True):
             tag, flag = ("bf16", "true") if bf16 else ("fp32", "false")
@@ -95,10 +137,17 @@ def main() -> None:
             rows.setdefault(f"text U-Net 16 training (scenes base), {tag}", []).append(train_rate(text_base, steps))
             rows.setdefault(f"text SR 16 -> 32 training (scenes), {tag}", []).append(train_rate(text_sr, steps))
             rows.setdefault(f"text SR 32 -> 64 training (scenes), {tag}", []).append(train_rate(text_sr64, steps))
+            clip_run = [f"clip.run={unclip_parts(tmp)}", f"train.bf16={flag}"]
+            for part, what in (("clip", "CLIP"), ("prior", "diffusion prior"), ("decoder", "decoder U-Net")):
+                cfg = load_config(configs / f"scenes-unclip-{part}16.yaml", clip_run[part == "clip":])
+                rows.setdefault(f"unCLIP {what} 16 training (scenes), {tag}", []).append(train_rate(cfg, steps))
+            rows.setdefault(f"unCLIP text -> image 16 sampling (scenes, prior best-of-2, w = 2), {tag}", []).append(
+                unclip_sample_rate(tmp, n, args.steps, bf16))
             rows.setdefault(f"cascade 14 -> 28 sampling (MNIST), {tag}", []).append(
                 sample_rate(base, sr, n, args.steps, bf16))
             rows.setdefault(f"text cascade 16 -> 32 sampling (scenes, w = 2 at 16), {tag}", []).append(
                 sample_rate(text_base, text_sr, n, args.steps, bf16, prompts=reference_captions()[:n]))
+    tmp_dir.cleanup()
     med = {k: statistics.median(v) for k, v in rows.items()}
     record = {"command": "python benchmarks/cascade_throughput.py " + " ".join(sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores, {platform.processor()}",

@@ -96,14 +96,17 @@ def _plot(points: list[dict], variations: list[dict], peer: dict | None, out: Pa
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for model, marker in (("unclip", "o-"), ("glide", "s-")):
-        rows = sorted((p for p in points if p["model"] == model), key=lambda p: p["w"])
-        axes[0].plot([p["fd"] for p in rows], [p["all_correct"] for p in rows], marker, label=model)
-        axes[1].plot([p["diversity"] for p in rows], [p["all_correct"] for p in rows], marker, label=model)
+    lines = sorted({(p["model"], p.get("prior_w")) for p in points}, key=str)
+    for (model, prior_w), marker in zip(lines, ("o-", "s-", "D-", "v-"), strict=False):
+        name = model if prior_w is None else f"{model}, prior w={prior_w:g}"
+        rows = sorted((p for p in points if (p["model"], p.get("prior_w")) == (model, prior_w)),
+                      key=lambda p: p["w"])
+        axes[0].plot([p["fd"] for p in rows], [p["all_correct"] for p in rows], marker, label=name)
+        axes[1].plot([p["diversity"] for p in rows], [p["all_correct"] for p in rows], marker, label=name)
         for p in rows:
             axes[0].annotate(f"w={p['w']:g}", (p["fd"], p["all_correct"]), fontsize=7)
     if peer is not None:
-        s = peer["evaluate_scenes"]
+        s = peer["row"]
         axes[0].plot([s["fd"]], [s["all_correct"]], "^", label="DALLE2-pytorch")
         axes[1].plot([s["diversity"]], [s["all_correct"]], "^", label="DALLE2-pytorch")
     axes[0].set(xlabel="FD (lower = better)", ylabel="all attributes correct", title="fidelity vs caption")
@@ -177,7 +180,8 @@ def main() -> int:
     gcfg, _, gden = load_run(glide)
     for w in args.w:
         for model in ("unclip", "glide"):
-            if any(p["model"] == model and p["w"] == w for p in result["points"]):
+            prior_w = args.prior_w if model == "unclip" else None
+            if any(p["model"] == model and p["w"] == w and p.get("prior_w") == prior_w for p in result["points"]):
                 continue
             t1 = time.perf_counter()
             if model == "unclip":
@@ -189,15 +193,18 @@ def main() -> int:
                                     batch=args.batch, prompts=prompts, guidance_scale=w)
                 u8 = to_uint8(x, gcfg.data)
             m = evaluate_scenes(u8, captions)
-            point = {"model": model, "w": w, **{k: m[k] for k in KEYS}, "seconds": round(time.perf_counter() - t1, 1)}
+            point = {"model": model, "w": w, "prior_w": prior_w, **{k: m[k] for k in KEYS},
+                     "seconds": round(time.perf_counter() - t1, 1)}
             rows = [i + len(prompts) * r for r in range(3) for i in range(10) if i + len(prompts) * r < len(u8)]
-            np.save(work / f"first10_{model}_{w:g}.npy", u8[rows])  # prompts 0..9, their first 3 samples
+            tag = f"{model}_{w:g}" if prior_w in (None, 1.0) else f"{model}_{w:g}_prior{prior_w:g}"
+            np.save(work / f"first10_{tag}.npy", u8[rows])  # prompts 0..9, their first 3 samples
             result["points"].append(point)
             print(point, flush=True)
             out.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1) + "\n")
     if not result["prior"]:
-        result["prior"] = [prior_metrics(pipe, prompts, k, args.prior_w) for k in (1, 2)]
+        result["prior"] = [prior_metrics(pipe, prompts, k, w) for w in dict.fromkeys((0.0, args.prior_w))
+                           for k in (1, 2)]
         print(result["prior"], flush=True)
     if not result["variations"]:
         ref = reference_scenes(16)
@@ -222,21 +229,25 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": datetime.date.today().isoformat(), "command": "python benchmarks/unclip.py " + " ".join(sys.argv[1:])})
     if peer is not None:
-        ours = next(p for p in result["points"] if p["model"] == "unclip" and p["w"] == args.w[0])
-        theirs = peer["evaluate_scenes"]
-        best = next(p for p in result["prior"] if p["best_of"] == 2)
+        ours = next(p for p in result["points"] if p["model"] == "unclip" and p["w"] == args.w[0]
+                    and p.get("prior_w", 1.0) == args.prior_w)
+        theirs = peer["row"]
+        best = next(p for p in result["prior"] if p["best_of"] == 2 and p["prior_w"] == 0.0)  # the peer's
         result["peer"] = {"fd_ratio": round(ours["fd"] / theirs["fd"], 3),
                           "all_correct": [ours["all_correct"], theirs["all_correct"]],
-                          "digit": [ours["digit"], theirs["digit"]], "colour": [ours["colour"], theirs["colour"]],
+                          "fd": [ours["fd"], theirs["fd"]], "diversity": [ours["diversity"], theirs["diversity"]],
+                          **{k: [ours[k], theirs[k]] for k in ("digit", "colour", "position")},
                           "prior_cos": [best["cos_prior_true"], peer["prior"].get("best_of_2", {}).get("cos_true")],
                           "peer_result": peer}
     path.write_text(json.dumps(result, indent=1) + "\n")
-    pts = sorted(result["points"], key=lambda p: (p["w"], p["model"]))
-    lines = ["| model | w | digit | colour | position | all correct | binding | FD | diversity |", "|" + "---|" * 9]
+    pts = sorted(result["points"], key=lambda p: (p["model"], str(p.get("prior_w")), p["w"]))
+    lines = ["| model | prior w | w | digit | colour | position | all correct | binding | FD | diversity |",
+             "|" + "---|" * 10]
     for p in pts:
         b = "-" if p["binding"] is None else f"{p['binding']:.3f}"
-        lines.append(f"| {p['model']} | {p['w']:g} | {p['digit']:.3f} | {p['colour']:.3f} | {p['position']:.3f} | "
-                     f"{p['all_correct']:.3f} | {b} | {p['fd']:.1f} | {p['diversity']:.3f} |")
+        pw = "-" if p["model"] == "glide" else f"{p.get('prior_w', 1.0):g}"
+        lines.append(f"| {p['model']} | {pw} | {p['w']:g} | {p['digit']:.3f} | {p['colour']:.3f} | "
+                     f"{p['position']:.3f} | {p['all_correct']:.3f} | {b} | {p['fd']:.1f} | {p['diversity']:.3f} |")
     (out / "unclip-table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(result["points"], result["variations"], peer, out / "unclip-tradeoff.png")

@@ -5,8 +5,10 @@ same total CPU minutes, and DALLE2-pytorch's prior + decoder on the same CLIP (b
 - CLIP: configs/scenes-unclip-clip16.yaml for ``--clip-minutes``; prior: scenes-unclip-prior16.yaml for
   ``--prior-minutes``; decoder: scenes-unclip-decoder16.yaml for ``--decoder-minutes`` (one thread each, process
   CPU time: ``difflab train --max-cpu-minutes``).
-- GLIDE: the GLIDE issue's base run (runs/scenes/base16, 8 CPU minutes) copied and resumed to the unCLIP total
-  (``--glide-minutes`` in all; its checkpoint continues bit-identically).
+- GLIDE: the GLIDE issue's base run (``--glide-base``, runs/scenes/base16: ``--glide-base-minutes`` 8) copied and
+  resumed to the unCLIP total, clip + prior + decoder minutes (its checkpoint continues bit-identically). A run
+  folder in ``--work`` that holds done.txt is taken as trained (for larger budgets: resume the runs by hand, write
+  done.txt, and give the minutes they had).
 - Samples: ``--n`` images for the first ``--captions`` benchmark prompts (each caption n / captions times, for the
   diversity per caption), the same seed, matched guidance: GLIDE's CFG w and the decoder's w equal (``--w``),
   the prior at its own w (``--prior-w``) with best-of-2; ancestral ``--steps`` for both image models, the prior by
@@ -15,6 +17,10 @@ same total CPU minutes, and DALLE2-pytorch's prior + decoder on the same CLIP (b
 - The prior: mean cos(z_prior, z_true) of its embeddings to the true image embeddings of the prompts' reference
   scenes, against cos(z_t, z_true) of the caption's own text embedding, and retrieval (is the embedding closer to
   its own scene than to the others' among the distinct captions), with and without best-of-2.
+- The peer (``--peer``, benchmarks/dalle2_scenes.py's result.json): difflab measured by the peer's protocol
+  (``peer_protocol``: the captions of reference scenes 0..n-1 as prompts, the prior unguided with best-of-2, the
+  decoder at the peer's w) and the ratios (``peer`` in unclip.json).
+- ``--prior-w`` is part of a point's key: a rerun with another prior w adds its unCLIP points beside the others.
 - Variations: ``--variations`` reference scenes, 4 variations each at every eta of ``--etas`` (DDIM inversion, then
   DDIM with eta): attribute accuracy of the variations against the source caption, and their mean pixel distance
   to the source.
@@ -89,7 +95,39 @@ def prior_metrics(pipe, prompts: list[str], best_of: int, w: float) -> dict:
             "cos_text_true": round(ct, 4), "retrieval_prior": round(rp, 4), "retrieval_text": round(rt, 4)}
 
 
-def _plot(points: list[dict], variations: list[dict], peer: dict | None, out: Path) -> None:
+def peer_protocol(pipe, n: int, w: float) -> dict:
+    """difflab measured as benchmarks/dalle2_scenes.py measures the peer: the prompts are the captions of reference
+    scenes 0..n-1; the prior unguided, best-of-2 (and 1); cos to each prompt's own scene's z_i and top-1 retrieval
+    among the n scenes (a hit if the nearest has the prompt's caption); the images from the best-of-2 embeddings
+    with the decoder at w, scored by the scene evaluator."""
+    from difflab.data.scenes import reference_captions, reference_scenes
+    from difflab.eval.scenes import evaluate_scenes
+    from difflab.images import to_uint8
+
+    prompts = reference_captions()[:n]
+    ref = reference_scenes(16)
+    x = torch.from_numpy(ref.images[16][:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    e = pipe.embedder
+    z_true = e.unit(e.image(x)).cpu()
+    same = torch.tensor([[a == b for b in prompts] for a in prompts])
+
+    def scores(z):
+        sims = e.unit(z).cpu() @ z_true.t()
+        hit = same[torch.arange(len(z)), sims.argmax(1)]
+        return {"cos_true": round(float(sims.diagonal().mean()), 4),
+                "retrieval_top1": round(float(hit.float().mean()), 4)}
+
+    rows = {f"best_of_{k}": pipe.prior_embeddings(prompts, seed=0, best_of=k, guidance=0.0) for k in (2, 1)}
+    images = pipe.decode(rows["best_of_2"], prompts, seed=0, guidance=w)
+    m = evaluate_scenes(to_uint8(images, pipe.decoder.cfg.data), prompts)
+    prior = {k: scores(z) for k, z in rows.items()}
+    prior["text_embedding"] = scores(e.text(prompts)[0])
+    keys = ("digit", "colour", "position", "all_correct", "binding", "colour_swaps", "fd", "precision", "recall",
+            "diversity")
+    return {"n": n, "prior_w": 0.0, "w": w, "prior": prior, "row": {k: m[k] for k in keys}}
+
+
+def _plot(points: list[dict], variations: list[dict], peer: list[tuple[str, dict]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,10 +143,8 @@ def _plot(points: list[dict], variations: list[dict], peer: dict | None, out: Pa
         axes[1].plot([p["diversity"] for p in rows], [p["all_correct"] for p in rows], marker, label=name)
         for p in rows:
             axes[0].annotate(f"w={p['w']:g}", (p["fd"], p["all_correct"]), fontsize=7)
-    if peer is not None:
-        s = peer["row"]
-        axes[0].plot([s["fd"]], [s["all_correct"]], "^", label="DALLE2-pytorch")
-        axes[1].plot([s["diversity"]], [s["all_correct"]], "^", label="DALLE2-pytorch")
+    for (name, row), marker in zip(peer, ("^", "v"), strict=False):  # on the peer's prompts: FD only compares
+        axes[0].plot([row["fd"]], [row["all_correct"]], marker, label=name)
     axes[0].set(xlabel="FD (lower = better)", ylabel="all attributes correct", title="fidelity vs caption")
     axes[1].set(xlabel="diversity per caption (higher = more)", ylabel="all attributes correct",
                 title="diversity vs caption")
@@ -228,16 +264,16 @@ def main() -> int:
         "clip_accuracy": json.loads((clip / "clip_accuracy.json").read_text()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": datetime.date.today().isoformat(), "command": "python benchmarks/unclip.py " + " ".join(sys.argv[1:])})
+    if peer is not None and "peer_protocol" not in result:
+        result["peer_protocol"] = peer_protocol(pipe, peer["args"]["n"], peer["args"]["cond_scale"] - 1)
+        print(result["peer_protocol"], flush=True)
     if peer is not None:
-        ours = next(p for p in result["points"] if p["model"] == "unclip" and p["w"] == args.w[0]
-                    and p.get("prior_w", 1.0) == args.prior_w)
-        theirs = peer["row"]
-        best = next(p for p in result["prior"] if p["best_of"] == 2 and p["prior_w"] == 0.0)  # the peer's
-        result["peer"] = {"fd_ratio": round(ours["fd"] / theirs["fd"], 3),
-                          "all_correct": [ours["all_correct"], theirs["all_correct"]],
-                          "fd": [ours["fd"], theirs["fd"]], "diversity": [ours["diversity"], theirs["diversity"]],
-                          **{k: [ours[k], theirs[k]] for k in ("digit", "colour", "position")},
-                          "prior_cos": [best["cos_prior_true"], peer["prior"].get("best_of_2", {}).get("cos_true")],
+        ours, theirs = result["peer_protocol"], peer
+        result["peer"] = {"fd_ratio": round(ours["row"]["fd"] / theirs["row"]["fd"], 3),
+                          **{k: [ours["row"][k], theirs["row"][k]] for k in
+                             ("fd", "digit", "colour", "position", "all_correct", "colour_swaps", "diversity")},
+                          **{f"prior_{k}": [ours["prior"][k], theirs["prior"][k]] for k in
+                             ("best_of_2", "best_of_1", "text_embedding")},
                           "peer_result": peer}
     path.write_text(json.dumps(result, indent=1) + "\n")
     pts = sorted(result["points"], key=lambda p: (p["model"], str(p.get("prior_w")), p["w"]))
@@ -250,7 +286,9 @@ def main() -> int:
                      f"{p['position']:.3f} | {p['all_correct']:.3f} | {b} | {p['fd']:.1f} | {p['diversity']:.3f} |")
     (out / "unclip-table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _plot(result["points"], result["variations"], peer, out / "unclip-tradeoff.png")
+    side = [] if peer is None else [("DALLE2-pytorch (peer's prompts)", peer["row"]),
+                                    ("unCLIP, prior w=0, w=2 (peer's prompts)", result["peer_protocol"]["row"])]
+    _plot(result["points"], result["variations"], side, out / "unclip-tradeoff.png")
     grids = [np.load(f) for f in sorted(work.glob("first10_*.npy"))]
     if grids:
         save_grid(np.concatenate(grids), out / "unclip-samples.png", nrow=10, scale=4)

@@ -159,7 +159,9 @@ def main() -> None:
              f"`{record['command']}` ({record['date']}, {record['machine']}, torch {record['torch']}, "
              f"{args.threads} threads; median of {args.rounds} interleaved rounds). Training: batch 32, noise "
              f"augmentation, the whole loop step. Sampling: {args.n} images, base 14x14 then SR 14 -> 28, "
-             f"ancestral {args.steps} steps each (2 x {args.steps} network calls per image batch). bf16: "
+             f"ancestral {args.steps} steps each (2 x {args.steps} network calls per image batch); unCLIP "
+             f"text -> image: the prior by DDIM {args.steps} steps with best-of-2, then the decoder ancestral "
+             f"{args.steps} steps at w = 2 (networks freshly initialised). bf16: "
              f"native {native} ({why})" + ("" if native else "; its rows did a quarter of the work") + ".", "",
              "| what | img/s | rounds |", "|---|---|---|"]
     lines += [f"| {k} | {med[k]:.1f} | {', '.join(f'{v:.1f}' for v in rows[k])} |" for k in rows]

@@ -1,5 +1,10 @@
 """One short GPU throughput run of a difflab preset (default: ADM-64) in bf16: train img/s, MFU, sample img/s.
 
+Presets of every diffusion network kind: ADM / iDDPM U-Nets (class labels when the preset has them), GLIDE's
+text U-Nets (``glide/base``: random GPT-2 tokens, every position a caption token), Karlo's decoder
+(``karlo/decoder``: random CLIP image / text features) and Karlo's prior (``karlo/prior``: the diffused tensor is
+the [N, 768] embedding; x0 prediction); ``--set`` changes a field of the preset's config.
+
 * training: forward + MSE on the eps channels + backward + Adam step under ``torch.autocast(dtype=bfloat16)``
   (weights, optimizer state and the sampler state stay float32: DESIGN "Numbers");
 * model FLOP utilisation (MFU): FLOPs of one training step counted by ``torch.utils.flop_counter``
@@ -25,7 +30,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from difflab import Denoiser, Parameterization, Process
+from difflab.config import override
 from difflab.nn import build_network, get_preset
+from difflab.nn.clip_unet import DecoderUNetConfig
+from difflab.nn.prior import PriorConfig
+from difflab.nn.text_unet import TextUNetConfig
 from difflab.nn.unet import UNetConfig
 from difflab.samplers import sample_dpmpp_2m
 
@@ -55,18 +64,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def conditioning(cfg, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random conditioning of the network's kind, full length (every caption position real, the costliest case):
+    class labels (ADM), GPT-2 tokens + mask (GLIDE's text U-Nets), CLIP image and text features + mask (Karlo's
+    decoder and prior: x_t of the prior is the [N, clip_dim] embedding itself)."""
+    if isinstance(cfg, PriorConfig):
+        d, L = cfg.clip_dim, cfg.text_ctx
+        return {"text_emb": torch.randn(n, d, generator=g), "text_enc": torch.randn(n, L, d, generator=g),
+                "mask": torch.ones(n, L, dtype=torch.bool)}
+    if isinstance(cfg, DecoderUNetConfig):
+        d, L = cfg.clip_dim, cfg.text_ctx
+        return {"y": torch.randn(n, d, generator=g), "txt_feat": torch.randn(n, d, generator=g),
+                "txt_feat_seq": torch.randn(n, L, d, generator=g), "mask": torch.ones(n, L, dtype=torch.bool)}
+    if isinstance(cfg, TextUNetConfig):
+        L = cfg.text.text_ctx
+        return {"tokens": torch.randint(0, cfg.text.n_vocab, (n, L), generator=g),
+                "mask": torch.ones(n, L, dtype=torch.bool)}
+    if cfg.num_classes:
+        return {"y": torch.randint(0, cfg.num_classes, (n,), generator=g)}
+    return {}
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = get_preset(args.preset)
-    if not isinstance(cfg, UNetConfig):
-        raise ValueError(f"preset {args.preset!r} is not a diffusion U-Net")
+    cfg = override(get_preset(args.preset), args.set)
+    if not isinstance(cfg, UNetConfig | PriorConfig):
+        raise ValueError(f"preset {args.preset!r} is neither a diffusion U-Net nor unCLIP's prior")
     net = build_network(cfg).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     fwd = torch.compile(net) if args.compile else net
-    size = args.image_size or cfg.image_size or 64
-    c = cfg.in_channels
+    size = args.image_size or getattr(cfg, "image_size", None) or 64
+    c = cfg.clip_dim if isinstance(cfg, PriorConfig) else cfg.in_channels
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
 
     def autocast():
@@ -76,10 +106,11 @@ def run(args: argparse.Namespace) -> dict:
 
     def batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, c, size, size, generator=g).to(device)
+        shape = (n, c) if isinstance(cfg, PriorConfig) else (n, c, size, size)
+        x = torch.randn(*shape, generator=g).to(device)
         t = torch.randint(0, 1000, (n,), generator=g).to(device)
-        cond = {"y": torch.randint(0, cfg.num_classes, (n,), generator=g).to(device)} if cfg.num_classes else {}
-        if args.channels_last:
+        cond = {k: v.to(device) for k, v in conditioning(cfg, n, g).items()}
+        if args.channels_last and x.dim() == 4:
             x = x.to(memory_format=torch.channels_last)
         return x, t, cond
 
@@ -126,7 +157,10 @@ def run(args: argparse.Namespace) -> dict:
         sync(device)
     eval_s = (time.perf_counter() - t0) / args.steps
     process = Process.named("cosine", 1000)
-    param = Parameterization("eps", "learned_range" if cfg.learn_sigma else "fixed_small")
+    if isinstance(cfg, PriorConfig):  # the prior predicts the clean embedding (unCLIP Sec. 2.2)
+        param = Parameterization("x0", "fixed_small")
+    else:
+        param = Parameterization("eps", "learned_range" if cfg.learn_sigma else "fixed_small")
     denoiser = Denoiser(fwd, process, param)
     with autocast():
         sync(device)
@@ -171,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak (default: table)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a field of the preset's config (dotted: text.xf_layers=1); repeatable")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     for name in ("batch", "sample_batch", "steps", "sample_steps"):

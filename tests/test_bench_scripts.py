@@ -37,3 +37,38 @@ def test_gpu_bench_bad_input():
         gpu_bench.main(["--device", "cpu", "--preset", "mnist-tiny", "--steps", "0"])
     with pytest.raises(ValueError, match="unknown preset"):
         gpu_bench.main(["--device", "cpu", "--preset", "nope", "--steps", "1"])
+
+
+# tiny versions of the second milestone's kinds: every conditioning input reaches a network of that kind
+M2_TINY = {
+    "glide/base": ["model_channels=32", "num_res_blocks=1", "num_head_channels=16", "text.xf_width=32",
+                   "text.xf_layers=1", "text.xf_heads=2", "text.text_ctx=8", "cond_dim=null", "encoder_channels=null"],
+    "karlo/decoder": ["model_channels=32", "num_res_blocks=1", "num_head_channels=16", "xf_width=32", "clip_dim=16",
+                      "text_ctx=8", "encoder_channels=null"],
+    "karlo/prior": ["xf_width=32", "xf_layers=1", "xf_heads=2", "clip_dim=16", "text_ctx=8"],
+}
+
+
+@pytest.mark.parametrize("preset", list(M2_TINY))
+def test_gpu_bench_runs_every_kind_tiny(preset):
+    gpu_bench = _load("gpu_bench")
+    sets = [a for s in M2_TINY[preset] for a in ("--set", s)]
+    r = gpu_bench.main(["--device", "cpu", "--preset", preset, "--steps", "1", "--warmup", "1", "--batch", "2",
+                        "--sample-batch", "2", "--sample-steps", "2", "--image-size", "16", "--peak-tflops", "1.0",
+                        *sets])
+    from difflab.config import override
+    from difflab.nn import build_network, get_preset
+
+    # the benchmarked network is the preset with the changes: the same parameter count as building it here
+    net = build_network(override(get_preset(preset), M2_TINY[preset]))
+    assert r["params"] == sum(p.numel() for p in net.parameters())
+    assert r["mfu"] == pytest.approx(r["train_gflop_per_img"] * 1e9 * r["train_img_s"] / 1e12, rel=1e-6)
+    assert r["train_gflop_per_img"] > 0 and r["sample_img_s"] < r["eval_img_s"]
+
+
+def test_gpu_bench_names_a_bad_change():
+    gpu_bench = _load("gpu_bench")
+    from difflab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="xf_heads"):
+        gpu_bench.main(["--device", "cpu", "--preset", "karlo/prior", "--set", "xf_heads=0", "--steps", "1"])

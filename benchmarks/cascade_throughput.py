@@ -137,9 +137,10 @@ def main() -> None:
             rows.setdefault(f"text U-Net 16 training (scenes base), {tag}", []).append(train_rate(text_base, steps))
             rows.setdefault(f"text SR 16 -> 32 training (scenes), {tag}", []).append(train_rate(text_sr, steps))
             rows.setdefault(f"text SR 32 -> 64 training (scenes), {tag}", []).append(train_rate(text_sr64, steps))
-            clip_run = [f"clip.run={unclip_parts(tmp)}", f"train.bf16={flag}"]
+            reads_clip = [f"clip.run={unclip_parts(tmp)}"]  # the prior and the decoder name their CLIP
             for part, what in (("clip", "CLIP"), ("prior", "diffusion prior"), ("decoder", "decoder U-Net")):
-                cfg = load_config(configs / f"scenes-unclip-{part}16.yaml", clip_run[part == "clip":])
+                sets = [f"train.bf16={flag}"] + (reads_clip if part != "clip" else [])
+                cfg = load_config(configs / f"scenes-unclip-{part}16.yaml", sets)
                 rows.setdefault(f"unCLIP {what} 16 training (scenes), {tag}", []).append(train_rate(cfg, steps))
             rows.setdefault(f"unCLIP text -> image 16 sampling (scenes, prior best-of-2, w = 2), {tag}", []).append(
                 unclip_sample_rate(tmp, n, args.steps, bf16))

@@ -832,6 +832,26 @@ class SceneFeaturesRunConfig:
         _require(self, self.eval_scenes >= 1, "eval_scenes", "must be >= 1")
 
 
+def _check_contrastive_run(self: Any, learner: str, size: tuple[str, int]) -> None:
+    """The checks a contrastive CLIP run (``task: noised_clip`` or ``clip``) shares: captioned RGB data of the
+    CLIP's size (``size`` = the clip field's name and value), no low-res pairs, an exported EMA that is trained, at
+    least 2 held-out examples. ``learner`` names the network in the messages."""
+    d = self.data
+    if not d.captions:
+        raise ConfigError(("data", "captions"), f"must be true: {learner} learns from image-caption pairs")
+    if d.image_size != size[1]:
+        raise ConfigError(("data", "image_size"), f"is {d.image_size} but clip.{size[0]} is {size[1]}")
+    if d.channels not in (None, 3):
+        raise ConfigError(("data", "channels"), f"must be 3 or null ({learner} reads RGB); got {d.channels}")
+    if d.low_res_size is not None:
+        raise ConfigError(("data", "low_res_size"), f"must be null for task {self.task}")
+    rate = self.export_ema
+    if rate is not None and rate not in self.train.ema_rates:
+        raise ConfigError(("export_ema",), f"must be null or one of train.ema_rates {list(self.train.ema_rates)}; "
+                                           f"got {rate}")
+    _require(self, self.eval_examples >= 2, "eval_examples", "must be >= 2")
+
+
 @dataclass(frozen=True)
 class NoisedCLIPRunConfig:
     """GLIDE's noised CLIP (:class:`difflab.nn.clip.NoisedCLIP`) trained contrastively on noised captioned images
@@ -859,22 +879,10 @@ class NoisedCLIPRunConfig:
 
     def __post_init__(self) -> None:
         _normalise(self)
-        c, d = self.clip, self.data
+        c = self.clip
         if c.encoders != "both":
             raise ConfigError(("clip", "encoders"), f"must be 'both' to train a noised CLIP; got {c.encoders!r}")
-        if not d.captions:
-            raise ConfigError(("data", "captions"), "must be true: the noised CLIP learns from image-caption pairs")
-        if d.image_size != c.image_size:
-            raise ConfigError(("data", "image_size"), f"is {d.image_size} but clip.image_size is {c.image_size}")
-        if d.channels not in (None, 3):
-            raise ConfigError(("data", "channels"), f"must be 3 or null (the CLIP reads RGB); got {d.channels}")
-        if d.low_res_size is not None:
-            raise ConfigError(("data", "low_res_size"), "must be null for task noised_clip")
-        rate = self.export_ema
-        if rate is not None and rate not in self.train.ema_rates:
-            raise ConfigError(("export_ema",), f"must be null or one of train.ema_rates {list(self.train.ema_rates)}; "
-                                               f"got {rate}")
-        _require(self, self.eval_examples >= 2, "eval_examples", "must be >= 2")
+        _check_contrastive_run(self, "the noised CLIP", ("image_size", c.image_size))
 
 
 @dataclass(frozen=True)
@@ -903,21 +911,7 @@ class CLIPRunConfig:
 
     def __post_init__(self) -> None:
         _normalise(self)
-        c, d = self.clip, self.data
-        if not d.captions:
-            raise ConfigError(("data", "captions"), "must be true: CLIP learns from image-caption pairs")
-        if d.image_size != c.image_resolution:
-            raise ConfigError(("data", "image_size"), f"is {d.image_size} but clip.image_resolution is "
-                                                      f"{c.image_resolution}")
-        if d.channels not in (None, 3):
-            raise ConfigError(("data", "channels"), f"must be 3 or null (CLIP reads RGB); got {d.channels}")
-        if d.low_res_size is not None:
-            raise ConfigError(("data", "low_res_size"), "must be null for task clip")
-        rate = self.export_ema
-        if rate is not None and rate not in self.train.ema_rates:
-            raise ConfigError(("export_ema",), f"must be null or one of train.ema_rates {list(self.train.ema_rates)}; "
-                                               f"got {rate}")
-        _require(self, self.eval_examples >= 2, "eval_examples", "must be >= 2")
+        _check_contrastive_run(self, "CLIP", ("image_resolution", self.clip.image_resolution))
 
 
 # ============================================================================ model presets

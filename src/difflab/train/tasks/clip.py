@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from difflab.clip_features import CLIP_WEIGHTS, save_clip
-from difflab.data.sources import build_dataset
 from difflab.fileio import atomic_write_text
-from difflab.train.tasks.noised_clip import ACCURACY_NAME, NoisedCLIPTask, contrastive_terms, held_out
+from difflab.train.tasks.noised_clip import ACCURACY_NAME, NoisedCLIPTask, contrastive_terms
 
 if TYPE_CHECKING:
     from difflab.config import CLIPRunConfig
@@ -105,15 +104,9 @@ class CLIPTask(NoisedCLIPTask):
     def held_out_report(self, net: nn.Module, trainer: Trainer) -> dict[str, Any]:
         """Zero-shot retrieval among the first ``eval_examples`` held-out pairs: image -> caption and caption ->
         image top-1 (an identical caption counts as a match), with the contrastive loss."""
-        held = held_out(self.cfg.data)
-        data = build_dataset(held, seed=self.cfg.train.seed)
-        n = min(self.cfg.eval_examples, len(data))
-        items = data.get_items(list(range(n)), 0)
-        x0, captions = items["x0"].to(trainer.device), list(items["caption"])
-        same = torch.tensor([[a == b for b in captions] for a in captions], device=trainer.device)
+        x0, captions, same, head = self.held_out_pairs(trainer)
         logits = self.clean_logits(net, x0, captions)
-        rows = torch.arange(n, device=trainer.device)
-        return {"split": held.split or "train", "n": n, "chance": 1.0 / n, "steps": trainer.step,
-                "image_to_text": round(same[rows, logits.argmax(1)].float().mean().item(), 4),
+        rows = torch.arange(len(captions), device=trainer.device)
+        return {**head, "image_to_text": round(same[rows, logits.argmax(1)].float().mean().item(), 4),
                 "text_to_image": round(same[logits.argmax(0), rows].float().mean().item(), 4),
                 "loss": round(contrastive_terms(logits)["loss"].mean().item(), 4)}

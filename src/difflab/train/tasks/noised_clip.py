@@ -141,20 +141,27 @@ class NoisedCLIPTask(Task):
         atomic_write_text(trainer.run_dir / ACCURACY_NAME, json.dumps(report, indent=1) + "\n")
         trainer.report = report  # the CLI prints it as the noisy classifier's table
 
-    def held_out_report(self, net: nn.Module, trainer: Trainer) -> dict[str, Any]:
-        """Retrieval accuracy and contrastive loss among the first ``eval_examples`` held-out pairs, at a t drawn
-        uniformly inside each of :data:`BINS` bands (a fixed seed: the training randomness is untouched)."""
+    def held_out_pairs(self, trainer: Trainer) -> tuple[Tensor, list[str], Tensor, dict[str, Any]]:
+        """The first ``eval_examples`` held-out pairs: x0 [n, 3, H, W], their n captions, same [n, n] (True where
+        two captions are identical: a retrieval of either counts as a match) and the report's head (split, n,
+        chance, steps)."""
         held = held_out(self.cfg.data)
         data = build_dataset(held, seed=self.cfg.train.seed)
         n = min(self.cfg.eval_examples, len(data))
         items = data.get_items(list(range(n)), 0)
         x0, captions = items["x0"].to(trainer.device), list(items["caption"])
         same = torch.tensor([[a == b for b in captions] for a in captions], device=trainer.device)
+        return x0, captions, same, {"split": held.split or "train", "n": n, "chance": 1.0 / n, "steps": trainer.step}
+
+    def held_out_report(self, net: nn.Module, trainer: Trainer) -> dict[str, Any]:
+        """Retrieval accuracy and contrastive loss among the first ``eval_examples`` held-out pairs, at a t drawn
+        uniformly inside each of :data:`BINS` bands (a fixed seed: the training randomness is untouched)."""
+        x0, captions, same, head = self.held_out_pairs(trainer)
+        n = len(captions)
         g = torch.Generator().manual_seed(self.cfg.train.seed + 2)
         T = self.process.num_timesteps
         edges = [round(i * T / BINS) for i in range(BINS + 1)]
-        out: dict[str, Any] = {"split": held.split or "train", "n": n, "chance": 1.0 / n, "steps": trainer.step,
-                               "t_start": [], "t_end": [], "accuracy": [], "loss": []}
+        out: dict[str, Any] = {**head, "t_start": [], "t_end": [], "accuracy": [], "loss": []}
         for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             t = torch.randint(lo, hi, (n,), generator=g)
             noise = torch.randn(x0.shape, generator=g)

@@ -8,6 +8,8 @@ The fast paths (src/difflab/nn/layers.py) and the plain formulations they replac
   ``x.float()`` cast back (the official ``GroupNorm32``).
 * ``attention_layout``: ``weight @ v^T``; plain: ``v @ weight^T``, whose backward copies the [L_q, L_k]
   gradient into the layout the softmax backward reads.
+* ``pointwise``: the 1x1 convolutions (attention's qkv / proj_out, the ResBlock skips) as one batched matmul;
+  plain: oneDNN's convolution (``nn.Conv1d`` / ``nn.Conv2d``).
 
 One process, one model per variant, timed in interleaved rounds (median); the same model, batch and
 resolution as benchmarks/throughput.py. Run it on an otherwise idle machine:
@@ -29,6 +31,12 @@ from throughput import Bench
 
 FAST_GROUP_NORM = layers.GroupNorm32.forward
 FAST_ATTENTION = layers.qkv_attention
+FAST_POINTWISE = layers._Pointwise.forward
+
+
+def plain_pointwise(self, x):
+    """The convolution the 1x1 layers subclass (``nn.Conv1d.forward`` / ``nn.Conv2d.forward``)."""
+    return super(layers._Pointwise, self).forward(x)
 
 
 def plain_group_norm(self, x):
@@ -58,13 +66,15 @@ VARIANTS = {
     "plain softmax": {"cast": True},
     "plain group_norm": {"group_norm": True},
     "plain attention_layout": {"layout": False},
-    "all plain": {"cast": True, "group_norm": True, "layout": False},
+    "plain pointwise": {"pointwise": True},
+    "all plain": {"cast": True, "group_norm": True, "layout": False, "pointwise": True},
 }
 
 
 def use(variant: dict) -> None:
     """Install the variant's formulations into difflab.nn.layers (the U-Net looks them up at call time)."""
     layers.GroupNorm32.forward = plain_group_norm if variant.get("group_norm") else FAST_GROUP_NORM
+    layers._Pointwise.forward = plain_pointwise if variant.get("pointwise") else FAST_POINTWISE
     if "cast" in variant or "layout" in variant:
         cast, layout = variant.get("cast", False), variant.get("layout", True)
         layers.qkv_attention = lambda *a, **kw: attention(*a, **kw, cast=cast, layout=layout)
@@ -76,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--iters", type=int, default=3, help="training steps per variant per round")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--iters", type=int, default=1, help="training steps per variant per round")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,13 +104,23 @@ def main(argv: list[str] | None = None) -> int:
                 use(VARIANTS[name])
                 times[name].append(bench.time(bench.train_step, args.iters))
         use({})
-        fast = statistics.median(times["all fast paths"])
-        print(f"\n{precision}, {torch.get_num_threads()} threads, batch 32, 1x32x32 (median of {args.rounds} rounds)")
-        print("| variant | train img/s | all fast paths vs this |\n|---|---|---|")
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            print(f"| {name} | {med:.1f} | {fast / med:.2f}x |")
+        print(f"\n{precision}, {torch.get_num_threads()} threads, batch 32, 1x32x32 ({args.rounds} rounds of "
+              f"{args.iters} steps)")
+        print(paired_table(times, "all fast paths"))
     return 0
+
+
+def paired_table(times: dict[str, list[float]], ref: str) -> str:
+    """Markdown rows: each variant's median img/s and the speed-up of ``ref`` over it, as the median of the
+    per-round ratios (the two were timed back to back in each round, so load that lasts longer than a round
+    cancels) with the quartiles of those ratios."""
+    lines = ["| variant | train img/s | all fast paths vs this (median of rounds) | quartiles |", "|---|---|---|---|"]
+    for name, ts in times.items():
+        ratios = sorted(a / b for a, b in zip(times[ref], ts, strict=True))
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        lines.append(f"| {name} | {statistics.median(ts):.1f} | {statistics.median(ratios):.2f}x | "
+                     f"{q1:.2f}-{q3:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

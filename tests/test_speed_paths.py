@@ -1,12 +1,13 @@
 """The fast paths give the plain path's numbers: CPU attention (two matmuls) vs SDPA, forward and backward,
-in float32 / float64 / bf16; a channels_last U-Net vs a contiguous one."""
+in float32 / float64 / bf16; 1x1 convolutions as batched matmuls vs the convolution; a channels_last U-Net
+vs a contiguous one."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from difflab.nn import UNet, get_preset
-from difflab.nn.layers import GroupNorm32, _heads_last, qkv_attention
+from difflab.nn.layers import GroupNorm32, PointwiseConv1d, PointwiseConv2d, _heads_last, qkv_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -122,3 +123,49 @@ def test_channels_last_unet_same_output():
     ref = net(x, t)
     net_cl = net.to(memory_format=torch.channels_last)
     torch.testing.assert_close(net_cl(x.to(memory_format=torch.channels_last), t), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pointwise_conv_matches_the_convolution_with_gradients(dims, bias, dtype):
+    """The batched-matmul 1x1 convolution gives the convolution's output and gradients (input, weight,
+    bias): to float64 rounding in float64, to a few float32 epsilons in float32."""
+    g = torch.Generator().manual_seed(5)
+    cls, conv = (PointwiseConv1d, F.conv1d) if dims == 1 else (PointwiseConv2d, F.conv2d)
+    layer = cls(48, 80, bias=bias).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2, generator=g)
+    spatial = (37,) if dims == 1 else (9, 7)
+    x = torch.randn(3, 48, *spatial, generator=g, dtype=dtype).requires_grad_(True)
+    w = torch.randn(3, 80, *spatial, generator=g, dtype=dtype)
+    out = layer(x)
+    ref = conv(x, layer.weight, layer.bias)
+    params = [x, layer.weight] + ([layer.bias] if bias else [])
+    grads = torch.autograd.grad((out * w).sum(), params)
+    ref_grads = torch.autograd.grad((ref * w).sum(), params)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    assert out.shape == ref.shape == (3, 80, *spatial)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < tol
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert a.shape == b.shape
+        assert ((a - b).abs().max() / b.abs().max()).item() < tol
+
+
+def test_pointwise_conv_under_bf16_autocast_and_channels_last():
+    """Under CPU bf16 autocast the fast path returns bf16 like the convolution (to bf16 rounding); a
+    channels_last input takes the convolution and keeps its layout; the state dict is the convolution's."""
+    g = torch.Generator().manual_seed(6)
+    layer = PointwiseConv2d(32, 64)
+    assert set(layer.state_dict()) == {"weight", "bias"} and layer.weight.shape == (64, 32, 1, 1)
+    x = torch.randn(2, 32, 8, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        ref = F.conv2d(x, layer.weight, layer.bias)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 2**-7
+    xl = x.to(memory_format=torch.channels_last)
+    out_cl = layer(xl)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, F.conv2d(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)

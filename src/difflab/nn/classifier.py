@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from difflab.nn.layers import AttentionPool2d, normalization, timestep_embedding, zero_module
+from difflab.nn.layers import AttentionPool2d, PointwiseConv2d, normalization, timestep_embedding, zero_module
 from difflab.nn.unet import BackboneConfig, _bad, build_encoder_half
 
 __all__ = ["Pool", "ClassifierConfig", "Classifier"]
@@ -65,7 +65,7 @@ class Classifier(nn.Module):
         if cfg.pool == "adaptive":
             self.out = nn.Sequential(
                 normalization(ch, cfg.num_groups), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
-                zero_module(nn.Conv2d(ch, cfg.out_channels, 1)), nn.Flatten(),
+                zero_module(PointwiseConv2d(ch, cfg.out_channels)), nn.Flatten(),
             )
         elif cfg.pool == "attention":
             self.out = nn.Sequential(

@@ -1,9 +1,11 @@
-"""The Python part of benchmarks/gpu.sh runs on a CPU with a tiny preset and reports consistent numbers."""
+"""The benchmark scripts' Python parts on a CPU: gpu.sh's with a tiny preset reports consistent numbers;
+kernels.py times the network's own layers, and its weight-gradient candidate is exact."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -72,3 +74,34 @@ def test_gpu_bench_names_a_bad_change():
 
     with pytest.raises(ConfigError, match="xf_heads"):
         gpu_bench.main(["--device", "cpu", "--preset", "karlo/prior", "--set", "xf_heads=0", "--steps", "1"])
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # kernels.py imports throughput.py
+    return _load("kernels")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_kernels_im2col_weight_gradient_equals_onednn(kernels, stride):
+    """The weight-gradient candidate of benchmarks/kernels.py computes what the convolution's backward does."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 9, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(7, 5, 3, 3, generator=g, dtype=torch.float64)
+    grad = torch.randn(3, 7, (9 - 1) // stride + 1, (8 - 1) // stride + 1, generator=g, dtype=torch.float64)
+    ref = torch.ops.aten.convolution_backward(grad, x, weight, [7], [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1,
+                                              [False, True, False])[1]
+    torch.testing.assert_close(kernels.im2col_weight_grad(grad, x, stride), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_kernels_finds_every_layer_of_the_throughput_unet(kernels):
+    """The shapes it times are the network's: one entry per 1x1 / 3x3 convolution and GroupNorm, with the
+    batch-32 input each one sees."""
+    net = kernels.difflab_model()[0]
+    shapes = kernels.layer_shapes()
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
+    assert sum(shapes["pointwise"].values()) == sum(m.kernel_size in ((1,), (1, 1)) for m in convs) == 33
+    assert sum(shapes["conv3x3"].values()) == sum(m.kernel_size == (3, 3) for m in convs)
+    assert sum(shapes["group_norm"].values()) == sum(isinstance(m, kernels.GroupNorm32) for m in net.modules())
+    assert all(shape[0] == 32 for shape, _, _ in shapes["conv3x3"])
+    assert ((32, 96, 32, 32), 32, 1) in shapes["conv3x3"] and ((32, 32, 32, 32), 32, 2) in shapes["conv3x3"]

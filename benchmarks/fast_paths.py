@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.nn import layers
-from throughput import Bench
+from throughput import Bench, paired_ratio
 
 FAST_GROUP_NORM = layers.GroupNorm32.forward
 FAST_ATTENTION = layers.qkv_attention
@@ -111,15 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def paired_table(times: dict[str, list[float]], ref: str) -> str:
-    """Markdown rows: each variant's median img/s and the speed-up of ``ref`` over it, as the median of the
-    per-round ratios (the two were timed back to back in each round, so load that lasts longer than a round
-    cancels) with the quartiles of those ratios."""
+    """Markdown rows: each variant's median img/s and the speed-up of ``ref`` over it (the median of the
+    per-round ratios, with their quartiles: :func:`throughput.paired_ratio`)."""
     lines = ["| variant | train img/s | all fast paths vs this (median of rounds) | quartiles |", "|---|---|---|---|"]
     for name, ts in times.items():
-        ratios = sorted(a / b for a, b in zip(times[ref], ts, strict=True))
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-        lines.append(f"| {name} | {statistics.median(ts):.1f} | {statistics.median(ratios):.2f}x | "
-                     f"{q1:.2f}-{q3:.2f} |")
+        med, q1, q3 = paired_ratio(times[ref], ts)
+        lines.append(f"| {name} | {statistics.median(ts):.1f} | {med:.2f}x | {q1:.2f}-{q3:.2f} |")
     return "\n".join(lines)
 
 

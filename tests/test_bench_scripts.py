@@ -105,3 +105,40 @@ def test_kernels_finds_every_layer_of_the_throughput_unet(kernels):
     assert sum(shapes["group_norm"].values()) == sum(isinstance(m, kernels.GroupNorm32) for m in net.modules())
     assert all(shape[0] == 32 for shape, _, _ in shapes["conv3x3"])
     assert ((32, 96, 32, 32), 32, 1) in shapes["conv3x3"] and ((32, 32, 32, 32), 32, 2) in shapes["conv3x3"]
+
+
+def test_paired_ratio_cancels_load_shared_by_a_round(monkeypatch):
+    """Two rows slowed alike in a round keep their ratio: the per-round ratio is exact where the ratio of the
+    medians is not."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    throughput = _load("throughput")
+    load = [1.0, 0.5, 0.9, 0.6, 1.0]  # the machine's speed in each round
+    fast = [30.0 * f for f in load]
+    slow = [20.0 * f for f in load[1:] + load[:1]]  # the other row saw each round's load one round later
+    assert throughput.paired_ratio([30.0 * f for f in load], [20.0 * f for f in load]) == pytest.approx((1.5,) * 3)
+    med, q1, q3 = throughput.paired_ratio(fast, slow)
+    assert q1 <= med <= q3 and q1 < 1.5 < q3
+    assert throughput.paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
+
+
+def test_throughput_conv1x1_row_is_the_same_network_before_the_pointwise_path(monkeypatch):
+    """The "difflab-conv1x1" row (the before of the pointwise path) computes the difflab row's function with
+    oneDNN 1x1 convolutions in place of the batched matmuls, and keeps every parameter."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    throughput = _load("throughput")
+    from difflab.nn.layers import _Pointwise
+
+    torch.manual_seed(0)
+    fast = throughput.difflab_model()[0].eval()
+    torch.manual_seed(0)
+    before = throughput.MODELS["difflab-conv1x1"]()[0].eval()
+    assert sum(isinstance(m, _Pointwise) for m in fast.modules()) == 33
+    assert not any(isinstance(m, _Pointwise) for m in before.modules())
+    assert fast.state_dict().keys() == before.state_dict().keys()
+    with torch.no_grad():
+        for p, q in zip(fast.parameters(), before.parameters(), strict=True):
+            p.normal_(0, 0.05)
+            q.copy_(p)
+        x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 900])
+        out, ref = fast(x, t), before(x, t)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5

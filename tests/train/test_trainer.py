@@ -149,11 +149,12 @@ def test_bf16_autocast_on_cpu_tracks_float32(tmp_path):
     for which in ("model", "ema_0.99"):
         assert {v.dtype for v in weights(tmp_path / "bf16-true", which).values()} == {torch.float32}
 
-    # difflab sample --bf16: the same deterministic DDIM path from the same noise lands on nearly the same images
+    # difflab sample --bf16: the same seeded ancestral path lands on nearly the same images. (Not DDIM: after 6
+    # steps its clipped x0 saturates 99.8% of the pixels, which leaves the bf16 difference no pixel to show in.)
     images = {}
     for flag in ([], ["--bf16"]):
         npz = tmp_path / f"s{len(flag)}.npz"
-        assert main(["sample", str(tmp_path / "bf16-true"), "--n", "8", "--sampler", "ddim", "--steps", "5",
+        assert main(["sample", str(tmp_path / "bf16-true"), "--n", "64", "--sampler", "ancestral", "--steps", "5",
                      "--npz", str(npz), "--quiet", *flag]) == 0
         images[len(flag)] = np.load(npz)["arr_0"].astype(np.int32)
     diff = np.abs(images[1] - images[0])

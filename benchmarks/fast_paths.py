@@ -82,6 +82,19 @@ def use(variant: dict) -> None:
         layers.qkv_attention = FAST_ATTENTION
 
 
+def use_optimizer(variant: str) -> None:
+    """For "all plain": the trainer's ``torch.optim.AdamW(..., fused=True)`` becomes AdamW's default per-tensor
+    loop (the trainer's one fast path outside the network; benchmarks/fast_paths_fd.py)."""
+    if variant != "all plain":
+        return
+    adamw = torch.optim.AdamW
+
+    def per_tensor_adamw(params, *args, fused=None, **kwargs):
+        return adamw(params, *args, **kwargs)
+
+    torch.optim.AdamW = per_tensor_adamw
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--precisions", default="fp32,bf16")

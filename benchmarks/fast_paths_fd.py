@@ -1,15 +1,18 @@
 """Do the CPU fast paths change what training learns? The MNIST default trained with and without them.
 
-Trains ``configs/mnist-default.yaml`` for the same number of steps three times, one thread each, all at once:
-``fast`` (the library as it is), ``plain`` (every fast path of benchmarks/fast_paths.py reverted to the
-official formulation: float32 softmax / GroupNorm round trips, ``v @ weight^T``, oneDNN 1x1 convolutions),
-both with train.seed 0, and ``fast-seed1`` (train.seed 1), whose distance from ``fast`` is the noise of
-training itself. The fast and plain runs start from the same weights and batches; their float rounding
-differs, so their trajectories part, and the question is whether they part further than two seeds do.
+Trains ``configs/mnist-default.yaml`` for the same number of steps four times, one thread each, at once:
+``fast`` (the library as it is) and ``plain`` (every fast path of benchmarks/fast_paths.py reverted to the
+official formulation: float32 softmax / GroupNorm round trips, ``v @ weight^T``, oneDNN 1x1 convolutions,
+and AdamW's per-tensor loop for the trainer's fused AdamW),
+each with train.seed 0 and 1; fast against fast (and plain against plain) across the seeds is the noise of
+training itself. The fast and plain runs of one seed start from the same weights and batches; their float
+rounding differs, so their trajectories part, and the question is whether they part further than two
+seeds do. Runs already in the folder are kept and not trained again.
 Reports the training MSE (mean over all steps, and over the last 100) and the FD of 500 samples each
-(SDE-DPM-Solver++(2M), 20 network evaluations, the same noise) against MNIST-5k test.
+(SDE-DPM-Solver++(2M), 20 network evaluations, the same noise) against MNIST-5k test, and once more for
+``fast`` with other sampling noise (the noise of the FD estimate itself).
 
-    python benchmarks/fast_paths_fd.py --steps 600      # runs/fast-paths/{fast,plain,fast-seed1}, then the table
+    python benchmarks/fast_paths_fd.py --steps 800      # runs/fast-paths/{fast,plain}{,-seed1}, then the table
 Writes docs/results/fast-paths-fd.json and fast-paths-fd-table.md.
 """
 
@@ -30,7 +33,8 @@ from cells import run_cells, sample_cell, write_results
 from difflab.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"fast": ("all fast paths", 0), "plain": ("all plain", 0), "fast-seed1": ("all fast paths", 1)}
+RUNS = {"fast": ("all fast paths", 0), "plain": ("all plain", 0), "fast-seed1": ("all fast paths", 1),
+        "plain-seed1": ("all plain", 1)}
 
 
 def train(out: Path, steps: int, variant: str, seed: int) -> subprocess.Popen:
@@ -39,6 +43,7 @@ def train(out: Path, steps: int, variant: str, seed: int) -> subprocess.Popen:
     args = [str(ROOT / "configs" / "mnist-default.yaml"), "--out", str(out), "--max-steps", str(steps), "--quiet",
             "--set", f"train.seed={seed}", "--set", "train.log_every=1", "--set", f"train.save_every={steps}"]
     code = ("import sys, fast_paths; fast_paths.use(fast_paths.VARIANTS[sys.argv[1]]); "
+            "fast_paths.use_optimizer(sys.argv[1]); "
             "from difflab.cli import main; raise SystemExit(main(['train', *sys.argv[2:]]))")
     return subprocess.Popen([sys.executable, "-c", code, variant, *args], env=env, cwd=Path(__file__).parent,
                             stdout=open(f"{out}.log", "w"), stderr=subprocess.STDOUT)
@@ -46,23 +51,23 @@ def train(out: Path, steps: int, variant: str, seed: int) -> subprocess.Popen:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/fast-paths", help="folder for the three runs")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--runs", default="runs/fast-paths", help="folder for the four runs")
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--skip-train", action="store_true", help="only evaluate existing runs")
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = p.parse_args(argv)
     runs = {name: Path(args.runs).resolve() / name for name in RUNS}
     if not args.skip_train:
-        if any(run.exists() for run in runs.values()):
-            raise SystemExit(f"{args.runs} already holds runs: pass --skip-train to evaluate them, or another --runs")
         Path(args.runs).mkdir(parents=True, exist_ok=True)
-        procs = [train(runs[name], args.steps, variant, seed) for name, (variant, seed) in RUNS.items()]
+        procs = [train(runs[name], args.steps, variant, seed) for name, (variant, seed) in RUNS.items()
+                 if not runs[name].exists()]
         if any(proc.wait() for proc in procs):
             raise SystemExit(f"a training run failed: see {args.runs}/*.log")
     torch.set_num_threads(1)
     cells = {name: sample_cell(str(run), "dpmpp-2m-sde", 20, n=args.n, batch=125) for name, run in runs.items()}
-    results = run_cells(list(cells.values()), Path(args.runs) / "cells")
+    resampled = sample_cell(str(runs["fast"]), "dpmpp-2m-sde", 20, n=args.n, batch=125, seed=1)
+    results = run_cells([*cells.values(), resampled], Path(args.runs) / "cells")
     rows = {}
     for name, run in runs.items():
         mse = {r["step"]: r["mse"] for r in read_metrics(run / "metrics.jsonl")}
@@ -76,14 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         "what": "configs/mnist-default.yaml for a fixed number of steps with the CPU fast paths, without them, "
                 "and with them under another training seed",
         "command": " ".join(["python", "benchmarks/fast_paths_fd.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per run, the three runs at once",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per run, the runs at once",
         "steps": args.steps, "n": args.n, "rows": rows,
-        "fd_fast_minus_plain": fd["fast"] - fd["plain"], "fd_fast_minus_seed1": fd["fast"] - fd["fast-seed1"],
+        "fd_fast_minus_plain": [fd["fast"] - fd["plain"], fd["fast-seed1"] - fd["plain-seed1"]],
+        "fd_seed0_minus_seed1": [fd["fast"] - fd["fast-seed1"], fd["plain"] - fd["plain-seed1"]],
+        "fd_fast_sampling_seed1": results[resampled.key]["fd"],
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "date": datetime.date.today().isoformat(),
     }
-    footer = (f"FD fast - plain: {record['fd_fast_minus_plain']:+.3f}; fast - fast (seed 1): "
-              f"{record['fd_fast_minus_seed1']:+.3f} (the noise of training).")
+    footer = ("FD fast - plain, seed 0 and 1: " + ", ".join(f"{d:+.3f}" for d in record["fd_fast_minus_plain"])
+              + "; seed 0 - seed 1, fast and plain (the noise of training): "
+              + ", ".join(f"{d:+.3f}" for d in record["fd_seed0_minus_seed1"]) + "; fast with sampling seed 1: FD "
+              f"{record['fd_fast_sampling_seed1']:.3f}, {fd['fast'] - record['fd_fast_sampling_seed1']:+.3f} "
+              "(the noise of the FD estimate).")
     write_results(Path(args.out), "fast-paths-fd", record,
                   ["run", "paths", "train.seed", "steps", "train MSE, all steps", "train MSE, last 100 steps",
                    f"FD (n={args.n}, dpmpp-2m-sde 20 NFE)"],

@@ -9,7 +9,7 @@ other processes hits both alike. ``--before REV`` checks the revision out into a
 
     python benchmarks/trainer_step.py --before 21a7251 --rounds 5 --threads 2
 
-Writes docs/results/trainer-step.json and trainer-step.md.
+Writes docs/results/trainer-step.json and trainer-step.md (``--name`` for another stem).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from throughput import paired_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -71,6 +73,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="config override for both trees")
+    ap.add_argument("--name", default="trainer-step", help="stem of the record in docs/results (NAME.json, NAME.md)")
+    ap.add_argument("--title", default="The training loop before and after the one-trainer refactor")
     args = ap.parse_args()
     rev = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()
@@ -90,16 +94,18 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
     med = {k: statistics.median(v) for k, v in times.items()}
+    paired = paired_ratio(times["after"], times["before"])
     result = {
         "command": "python benchmarks/trainer_step.py " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores, {platform.processor()}",
         "torch": __import__("torch").__version__, "before": rev, "after": head, "threads": args.threads,
         "steps_per_s": times, "median": med, "ratio_after_over_before": med["after"] / med["before"],
+        "paired_ratio_median_q1_q3": paired,
         "batch": 32, "config": "configs/mnist-default.yaml",
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "trainer-step.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["# The training loop before and after the one-trainer refactor", "",
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# {args.title}", "",
              f"`{result['command']}` ({result['date']}, {result['machine']}, torch {result['torch']}, "
              f"{args.threads} threads): `Trainer.train_step` on configs/mnist-default.yaml (batch 32), "
              f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup}, one fresh process each.",
@@ -107,8 +113,9 @@ def main() -> None:
     for name, label in (("before", rev), ("after", head)):
         rounds = ", ".join(f"{v:.3f}" for v in times[name])
         lines.append(f"| {name} ({label}) | {med[name]:.3f} | {32 * med[name]:.1f} | {rounds} |")
-    lines += ["", f"after / before: **{result['ratio_after_over_before']:.3f}**", ""]
-    (OUT / "trainer-step.md").write_text("\n".join(lines))
+    lines += ["", f"after / before: **{result['ratio_after_over_before']:.3f}** (medians); per-round ratio median "
+              f"{paired[0]:.3f}, quartiles {paired[1]:.3f}-{paired[2]:.3f}", ""]
+    (OUT / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

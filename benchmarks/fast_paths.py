@@ -10,6 +10,9 @@ The fast paths (src/difflab/nn/layers.py) and the plain formulations they replac
   gradient into the layout the softmax backward reads.
 * ``pointwise``: the 1x1 convolutions (attention's qkv / proj_out, the ResBlock skips) as one batched matmul;
   plain: oneDNN's convolution (``nn.Conv1d`` / ``nn.Conv2d``).
+* ``attention_scale``: 1 / sqrt(C) applied to q before the scores matmul; plain: to the [N, H, L, L] scores.
+* ``cpu_sdpa``: self-attention over ``layers.CPU_SDPA_MIN_LENGTH`` positions or more (the 16x16 layers here)
+  in SDPA's fused kernel; plain: the two matmuls at every length.
 
 One process, one model per variant, timed in interleaved rounds (median); the same model, batch and
 resolution as benchmarks/throughput.py. Run it on an otherwise idle machine:
@@ -32,6 +35,7 @@ from throughput import Bench, paired_ratio
 FAST_GROUP_NORM = layers.GroupNorm32.forward
 FAST_ATTENTION = layers.qkv_attention
 FAST_POINTWISE = layers._Pointwise.forward
+FAST_SDPA_MIN_LENGTH = layers.CPU_SDPA_MIN_LENGTH
 
 
 def plain_pointwise(self, x):
@@ -44,17 +48,24 @@ def plain_group_norm(self, x):
     return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).type(x.dtype)
 
 
-def attention(qkv, n_heads, legacy_order, encoder_kv=None, key_mask=None, *, cast: bool, layout: bool):
-    """CPU attention with the float32 softmax round trip (``cast``) and/or the ``v @ weight^T`` layout (not
-    ``layout``) put back; otherwise the library's formulation."""
+def attention(qkv, n_heads, legacy_order, encoder_kv=None, key_mask=None, *, cast: bool, layout: bool,
+              scale_q: bool = True, sdpa: bool = True):
+    """CPU self-attention with the float32 softmax round trip (``cast``), the ``v @ weight^T`` layout (not
+    ``layout``), the scaling of the scores (not ``scale_q``) and / or two matmuls at every length (not ``sdpa``)
+    put back; otherwise the library's formulation."""
     if encoder_kv is not None or key_mask is not None:
         raise ValueError("the benchmark model has no context tokens")
     n, width, length = qkv.shape
+    if sdpa and length >= layers.CPU_SDPA_MIN_LENGTH:
+        return FAST_ATTENTION(qkv, n_heads, legacy_order)
     ch = width // (3 * n_heads)
     split = qkv.reshape(n, n_heads, 3, ch, length).unbind(2) if legacy_order else \
         qkv.reshape(n, 3, n_heads, ch, length).unbind(1)
     q, k, v = split
-    scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / math.sqrt(ch))
+    if scale_q:
+        scores = torch.matmul((q * (1.0 / math.sqrt(ch))).transpose(-1, -2), k)
+    else:
+        scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / math.sqrt(ch))
     weight = torch.softmax(scores.float(), dim=-1).to(scores.dtype) if cast else torch.softmax(scores, dim=-1)
     if layout:
         return torch.matmul(weight, v.transpose(-1, -2)).transpose(-1, -2).reshape(n, n_heads * ch, length)
@@ -67,17 +78,26 @@ VARIANTS = {
     "plain group_norm": {"group_norm": True},
     "plain attention_layout": {"layout": False},
     "plain pointwise": {"pointwise": True},
-    "all plain": {"cast": True, "group_norm": True, "layout": False, "pointwise": True},
+    "plain attention_scale": {"scale_q": False},
+    "plain cpu_sdpa": {"sdpa": False},
+    "all plain": {"cast": True, "group_norm": True, "layout": False, "pointwise": True, "scale_q": False,
+                  "sdpa": False},
+    # not a revert: SDPA at every length (benchmarks/fast_paths_fd.py trains the MNIST default with it, whose
+    # only attention is at 7x7, to check the fused kernel's training against the two matmuls')
+    "sdpa everywhere": {"sdpa_from": 0},
 }
+ATTENTION_KNOBS = ("cast", "layout", "scale_q", "sdpa")
 
 
 def use(variant: dict) -> None:
     """Install the variant's formulations into difflab.nn.layers (the U-Net looks them up at call time)."""
     layers.GroupNorm32.forward = plain_group_norm if variant.get("group_norm") else FAST_GROUP_NORM
     layers._Pointwise.forward = plain_pointwise if variant.get("pointwise") else FAST_POINTWISE
-    if "cast" in variant or "layout" in variant:
-        cast, layout = variant.get("cast", False), variant.get("layout", True)
-        layers.qkv_attention = lambda *a, **kw: attention(*a, **kw, cast=cast, layout=layout)
+    layers.CPU_SDPA_MIN_LENGTH = variant.get("sdpa_from", FAST_SDPA_MIN_LENGTH)
+    if any(knob in variant for knob in ATTENTION_KNOBS):
+        knobs = {"cast": False, "layout": True, "scale_q": True, "sdpa": True}
+        knobs.update({k: variant[k] for k in ATTENTION_KNOBS if k in variant})
+        layers.qkv_attention = lambda *a, **kw: attention(*a, **kw, **knobs)
     else:
         layers.qkv_attention = FAST_ATTENTION
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.nn import UNet, get_preset
+from difflab.nn import UNet, get_preset, layers
 from difflab.nn.layers import GroupNorm32, PointwiseConv1d, PointwiseConv2d, _heads_last, qkv_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,20 +24,56 @@ def sdpa_reference(qkv, heads, legacy):
     return out.transpose(-1, -2).reshape(n, heads * ch, length)
 
 
+def math_reference(qkv, heads, legacy):
+    """softmax(q^T k / sqrt(C)) v written out, in float64."""
+    qkv = qkv.double()
+    n, width, length = qkv.shape
+    ch = width // (3 * heads)
+    if legacy:
+        q, k, v = qkv.reshape(n, heads, 3, ch, length).unbind(2)
+    else:
+        q, k, v = qkv.reshape(n, 3, heads, ch, length).unbind(1)
+    weight = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / ch**0.5, dim=-1)
+    return torch.einsum("nhqk,nhck->nhcq", weight, v).reshape(n, heads * ch, length)
+
+
+@pytest.mark.parametrize("length", [64, layers.CPU_SDPA_MIN_LENGTH])  # two matmuls / SDPA's fused kernel
 @pytest.mark.parametrize("legacy", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_attention_matches_sdpa_with_gradients(legacy, dtype):
+def test_cpu_attention_matches_sdpa_with_gradients(legacy, dtype, length):
     g = torch.Generator().manual_seed(0)
-    heads, ch, n, length = 2, 16, 3, 64
+    heads, ch, n = 2, 16, 3
     qkv = torch.randn(n, 3 * heads * ch, length, generator=g, dtype=dtype, requires_grad=True)
     w = torch.randn(n, heads * ch, length, generator=g, dtype=dtype)
     out = qkv_attention(qkv, heads, legacy)
     (grad,) = torch.autograd.grad((out * w).sum(), qkv)
     ref = sdpa_reference(qkv, heads, legacy)
     (ref_grad,) = torch.autograd.grad((ref * w).sum(), qkv)
+    exact = math_reference(qkv, heads, legacy)
+    (exact_grad,) = torch.autograd.grad((exact * w.double()).sum(), qkv)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(grad, ref_grad, **tol)
+    torch.testing.assert_close(out.double(), exact, **tol)
+    torch.testing.assert_close(grad.double(), exact_grad.double(), **tol)
+
+
+@pytest.mark.parametrize("length, fused", [(layers.CPU_SDPA_MIN_LENGTH - 1, False), (layers.CPU_SDPA_MIN_LENGTH, True)])
+def test_cpu_self_attention_takes_sdpa_from_the_threshold_on(monkeypatch, length, fused):
+    """Self-attention over CPU_SDPA_MIN_LENGTH positions or more goes to SDPA (with unit-stride q, k, v);
+    shorter sequences take the two matmuls."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape, q.stride(-1), k.stride(-1), v.stride(-1)))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    qkv = torch.randn(2, 3 * 2 * 8, length, generator=torch.Generator().manual_seed(5))
+    out = qkv_attention(qkv, 2, True)
+    assert calls == ([((2, 2, length, 8), 1, 1, 1)] if fused else [])
+    torch.testing.assert_close(out.double(), math_reference(qkv, 2, True), rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_attention_bf16_softmax_in_float32():
@@ -66,11 +102,12 @@ def test_sdpa_inputs_have_unit_channel_stride(legacy):
 
 
 def float32_softmax_attention(qkv, heads):
-    """The plain low-precision path of the official code: softmax of scores.float(), cast back (legacy order)."""
+    """The plain low-precision path of the official code: softmax of scores.float(), cast back (legacy order),
+    with the library's scaling of q (so that the casts are the only difference)."""
     n, width, length = qkv.shape
     ch = width // (3 * heads)
     q, k, v = qkv.reshape(n, heads, 3, ch, length).unbind(2)
-    scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / ch**0.5)
+    scores = torch.matmul((q * (1.0 / ch**0.5)).transpose(-1, -2), k)
     weight = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
     return torch.matmul(weight, v.transpose(-1, -2)).transpose(-1, -2).reshape(n, heads * ch, length)
 
@@ -78,10 +115,13 @@ def float32_softmax_attention(qkv, heads):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_low_precision_attention_skips_the_casts_exactly(dtype):
     """Without the float32 round trip the forward output is bit-identical (the CPU softmax kernel accumulates
-    in float32 and rounds once); gradients agree to the low precision's rounding."""
+    in float32 and rounds once) for key lengths that are multiples of 8; gradients agree to the low precision's
+    rounding."""
     g = torch.Generator().manual_seed(2)
-    qkv = (torch.randn(4, 3 * 2 * 32, 256, generator=g) * 3).to(dtype).requires_grad_(True)
-    w = torch.randn(4, 2 * 32, 256, generator=g).to(dtype)
+    length = 192  # the two-matmul path (below CPU_SDPA_MIN_LENGTH), a multiple of the vector width
+    assert length < layers.CPU_SDPA_MIN_LENGTH
+    qkv = (torch.randn(4, 3 * 2 * 32, length, generator=g) * 3).to(dtype).requires_grad_(True)
+    w = torch.randn(4, 2 * 32, length, generator=g).to(dtype)
     out = qkv_attention(qkv, 2, True)
     ref = float32_softmax_attention(qkv, 2)
     assert out.dtype == dtype and torch.equal(out, ref)
@@ -89,6 +129,37 @@ def test_cpu_low_precision_attention_skips_the_casts_exactly(dtype):
     (ref_grad,) = torch.autograd.grad((ref.float() * w).sum(), qkv)
     scale = ref_grad.float().abs().max()
     assert ((grad.float() - ref_grad.float()).abs().max() / scale).item() < 2**-7  # one bf16 epsilon
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_softmax_other_lengths_within_one_ulp(dtype):
+    """For key lengths that are not multiples of 8 (7x7 = 49, 14x14 = 196) the CPU softmax's vector tail rounds
+    some elements differently from softmax(s.float()) cast back: never by more than one unit in the last place."""
+    g = torch.Generator().manual_seed(6)
+    for length in (49, 196):
+        s = (torch.randn(4, 2, 64, length, generator=g) * 3).to(dtype)
+        fast = torch.softmax(s, dim=-1).view(torch.int16).int()
+        plain = torch.softmax(s.float(), dim=-1).to(dtype).view(torch.int16).int()
+        assert (fast - plain).abs().max().item() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_sdpa_path_within_one_rounding(dtype):
+    """From CPU_SDPA_MIN_LENGTH on, bf16 / fp16 attention (SDPA's fused kernel, float32 accumulation) stays within
+    one rounding of the low precision of the exact float64 result, output and gradient."""
+    g = torch.Generator().manual_seed(3)
+    length = layers.CPU_SDPA_MIN_LENGTH
+    qkv = (torch.randn(4, 3 * 2 * 32, length, generator=g) * 3).to(dtype).requires_grad_(True)
+    w = torch.randn(4, 2 * 32, length, generator=g).to(dtype)
+    out = qkv_attention(qkv, 2, True)
+    assert out.dtype == dtype
+    exact = math_reference(qkv, 2, True)
+    eps = torch.finfo(dtype).eps
+    assert ((out.double() - exact).abs().max() / exact.abs().max()).item() < 2 * eps
+    (grad,) = torch.autograd.grad((out.float() * w).sum(), qkv)
+    (exact_grad,) = torch.autograd.grad((exact * w.double()).sum(), qkv)
+    scale = exact_grad.abs().max()
+    assert ((grad.double() - exact_grad).abs().max() / scale).item() < 2 * eps
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -275,6 +275,13 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+#: Self-attention on the CPU over at least this many positions (16x16 maps and up) runs in SDPA's fused
+#: (flash) kernel, which never writes the [L, L] scores; below it, two matmuls are faster. Measured on the
+#: 2-core CPU of docs/results/attention.md (``benchmarks/attention.py``): at L = 1024 SDPA trains 3.0x and
+#: samples 4.4x faster, at L = 256 it is even for training and 1.4x for sampling, at L <= 128 it is slower.
+CPU_SDPA_MIN_LENGTH = 256
+
+
 def _split_heads(t: torch.Tensor, n_heads: int, parts: int, legacy_order: bool) -> tuple[torch.Tensor, ...]:
     """Views of a fused [N, parts * H * C, L] tensor: ``parts`` tensors [N, H, C, L].
 
@@ -315,22 +322,25 @@ def qkv_attention(
     ``encoder_kv`` [N, H * 2 * C, S] (legacy) or [N, 2 * (H * C), S] (new) gives S extra keys/values,
     placed before the T image keys (GLIDE). ``key_mask`` [N, S] (True = attend) masks context keys;
     image keys are always attended. Scores are q.k / sqrt(C), softmax over keys, computed with
-    ``scaled_dot_product_attention`` (on CPUs without context: two matmuls, see below).
+    ``scaled_dot_product_attention`` (on CPUs, for self-attention over fewer than
+    :data:`CPU_SDPA_MIN_LENGTH` positions: two matmuls, see below).
 
     Returns:
         [N, H * C, T], heads concatenated along channels (same layout for both orders).
     """
     n, width, length = qkv.shape
     ch = width // (3 * n_heads)
-    if encoder_kv is None and not qkv.is_cuda:
-        # CPU: two matmuls straight on the channel-first [N, H, C, L] views (BLAS takes the transposes as
-        # flags) are 20-40% faster for training than SDPA, whose fused CPU kernels need stride-1 channels
-        # (a copy in and out) and whose math fallback adds masked-softmax checks (benchmarks/throughput.py).
+    if encoder_kv is None and not qkv.is_cuda and length < CPU_SDPA_MIN_LENGTH:
+        # CPU, short sequences: two matmuls straight on the channel-first [N, H, C, L] views (BLAS takes the
+        # transposes as flags) beat SDPA's fused kernel, which needs stride-1 channels (a copy in and out).
         q, k, v = _split_heads(qkv, n_heads, 3, legacy_order)  # [N, H, C, L] each
-        scores = torch.matmul(q.transpose(-1, -2), k) * (1.0 / math.sqrt(ch))  # [N, H, L_q, L_k]
+        # 1 / sqrt(C) applied to q ([N, H, C, L]) rather than to the [N, H, L, L] scores: L / C times fewer
+        # multiplies, forward and backward (benchmarks/attention.py).
+        scores = torch.matmul((q * (1.0 / math.sqrt(ch))).transpose(-1, -2), k)  # [N, H, L_q, L_k]
         # The official code takes the softmax of scores.float() and casts back. The CPU softmax kernel already
-        # accumulates bf16 / fp16 in float32 and rounds once, so its output is bit-identical without the two
-        # casts (tests/test_speed_paths.py; +4% per bf16 training step, benchmarks/fast_paths.py).
+        # accumulates bf16 / fp16 in float32 and rounds once, so without the two casts its output is
+        # bit-identical for key lengths that are multiples of 8 and within one unit in the last place otherwise
+        # (the vector tail; tests/test_speed_paths.py; +4% per bf16 training step, benchmarks/fast_paths.py).
         weight = torch.softmax(scores, dim=-1)
         # weight @ v^T, not v @ weight^T: the backward then yields the [L_q, L_k] gradient in the layout the
         # softmax backward reads instead of copying it (one copy fewer; its time is within the noise of

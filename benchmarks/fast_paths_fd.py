@@ -1,18 +1,20 @@
 """Do the CPU fast paths change what training learns? The MNIST default trained with and without them.
 
-Trains ``configs/mnist-default.yaml`` for the same number of steps four times, one thread each, at once:
-``fast`` (the library as it is) and ``plain`` (every fast path of benchmarks/fast_paths.py reverted to the
-official formulation: float32 softmax / GroupNorm round trips, ``v @ weight^T``, oneDNN 1x1 convolutions,
-and AdamW's per-tensor loop for the trainer's fused AdamW),
+Trains ``configs/mnist-default.yaml`` for the same number of steps six times, one thread each, at once:
+``fast`` (the library as it is), ``plain`` (every fast path of benchmarks/fast_paths.py reverted to the
+official formulation: float32 softmax / GroupNorm round trips, ``v @ weight^T``, the scaling of the scores,
+two attention matmuls at every length, oneDNN 1x1 convolutions, and AdamW's per-tensor loop for the trainer's
+fused AdamW) and ``sdpa`` (the library with SDPA's fused kernel at every attention length: the MNIST default's
+only attention is at 7x7, below ``layers.CPU_SDPA_MIN_LENGTH``, so this checks that path's training too),
 each with train.seed 0 and 1; fast against fast (and plain against plain) across the seeds is the noise of
-training itself. The fast and plain runs of one seed start from the same weights and batches; their float
-rounding differs, so their trajectories part, and the question is whether they part further than two
-seeds do. Runs already in the folder are kept and not trained again.
+training itself. The runs of one seed start from the same weights and batches; their float rounding differs,
+so their trajectories part, and the question is whether they part further than two seeds do. Runs already in
+the folder are kept and not trained again.
 Reports the training MSE (mean over all steps, and over the last 100) and the FD of 500 samples each
 (SDE-DPM-Solver++(2M), 20 network evaluations, the same noise) against MNIST-5k test, and once more for
 ``fast`` with other sampling noise (the noise of the FD estimate itself).
 
-    python benchmarks/fast_paths_fd.py --steps 800      # runs/fast-paths/{fast,plain}{,-seed1}, then the table
+    python benchmarks/fast_paths_fd.py --steps 800      # runs/fast-paths/{fast,plain,sdpa}{,-seed1}, then the table
 Writes docs/results/fast-paths-fd.json and fast-paths-fd-table.md.
 """
 
@@ -34,7 +36,7 @@ from difflab.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"fast": ("all fast paths", 0), "plain": ("all plain", 0), "fast-seed1": ("all fast paths", 1),
-        "plain-seed1": ("all plain", 1)}
+        "plain-seed1": ("all plain", 1), "sdpa": ("sdpa everywhere", 0), "sdpa-seed1": ("sdpa everywhere", 1)}
 
 
 def train(out: Path, steps: int, variant: str, seed: int) -> subprocess.Popen:
@@ -51,7 +53,7 @@ def train(out: Path, steps: int, variant: str, seed: int) -> subprocess.Popen:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/fast-paths", help="folder for the four runs")
+    p.add_argument("--runs", default="runs/fast-paths", help="folder for the six runs")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--skip-train", action="store_true", help="only evaluate existing runs")
@@ -84,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread per run, the runs at once",
         "steps": args.steps, "n": args.n, "rows": rows,
         "fd_fast_minus_plain": [fd["fast"] - fd["plain"], fd["fast-seed1"] - fd["plain-seed1"]],
+        "fd_sdpa_minus_plain": [fd["sdpa"] - fd["plain"], fd["sdpa-seed1"] - fd["plain-seed1"]],
         "fd_seed0_minus_seed1": [fd["fast"] - fd["fast-seed1"], fd["plain"] - fd["plain-seed1"]],
         "fd_fast_sampling_seed1": results[resampled.key]["fd"],
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "date": datetime.date.today().isoformat(),
     }
     footer = ("FD fast - plain, seed 0 and 1: " + ", ".join(f"{d:+.3f}" for d in record["fd_fast_minus_plain"])
+              + "; sdpa - plain: " + ", ".join(f"{d:+.3f}" for d in record["fd_sdpa_minus_plain"])
               + "; seed 0 - seed 1, fast and plain (the noise of training): "
               + ", ".join(f"{d:+.3f}" for d in record["fd_seed0_minus_seed1"]) + "; fast with sampling seed 1: FD "
               f"{record['fd_fast_sampling_seed1']:.3f}, {fd['fast'] - record['fd_fast_sampling_seed1']:+.3f} "

@@ -27,7 +27,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from difflab import Denoiser, Parameterization, Process
 from difflab.config import override
@@ -37,6 +36,7 @@ from difflab.nn.prior import PriorConfig
 from difflab.nn.text_unet import TextUNetConfig
 from difflab.nn.unet import UNetConfig
 from difflab.samplers import sample_dpmpp_2m
+from throughput import flop_counter
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         F.mse_loss(out[:, :c].float(), noise).backward()
         opt.step()
 
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         with autocast():
             out = net(x, t, **cond)
         F.mse_loss(out[:, :c].float(), noise).backward()

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils import flop_counter as _flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +186,26 @@ def matmul_flops_per_s(device: torch.device, n: int = 2048, reps: int = 10, dtyp
     return 2 * n**3 / best
 
 
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return _flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return _flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+#: FlopCounterMode knows SDPA's CUDA kernels but not its CPU flash kernel, which it counts as 0 FLOPs: the
+#: same formulas (the two matmuls, forward and backward) for the CPU ops, so that a row's FLOPs do not depend
+#: on the attention kernel (difflab from 16x16 on, diffusers everywhere).
+CPU_SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts SDPA's CPU flash kernel (:data:`CPU_SDPA_FLOPS`)."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
+
+
 class Bench:
     """One model with its optimizer, fixed inputs and the three operations that get timed."""
 
@@ -223,11 +244,11 @@ class Bench:
 
     def flops(self) -> tuple[float, float]:
         """(forward, forward + backward) FLOPs per image."""
-        with FlopCounterMode(display=False) as fc:
+        with flop_counter() as fc:
             with torch.no_grad():
                 self.call(self.net, self.x, self.t)
         fwd = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
+        with flop_counter() as fc:
             self.loss().backward()
         self.opt.zero_grad(set_to_none=True)
         return fwd / self.batch, fc.get_total_flops() / self.batch

@@ -11,6 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(autouse=True)
+def _benchmarks_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import throughput.py
+
+
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -77,8 +82,7 @@ def test_gpu_bench_names_a_bad_change():
 
 
 @pytest.fixture
-def kernels(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # kernels.py imports throughput.py
+def kernels():
     return _load("kernels")
 
 
@@ -142,3 +146,27 @@ def test_throughput_conv1x1_row_is_the_same_network_before_the_pointwise_path(mo
         x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 900])
         out, ref = fast(x, t), before(x, t)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_flop_counter_counts_the_cpu_flash_kernel(monkeypatch):
+    """throughput.flop_counter gives SDPA's CPU kernel the FLOPs of its two matmuls (plain FlopCounterMode
+    counts 0), so the forward costs the same on either CPU attention path; the backward counts the flash
+    kernel's recomputed scores (5 matmuls against the plain path's 4)."""
+    from difflab.nn import layers
+
+    throughput = _load("throughput")
+    n, heads, ch, length = 2, 2, 8, layers.CPU_SDPA_MIN_LENGTH
+    qkv = torch.randn(n, 3 * heads * ch, length, requires_grad=True)
+
+    def counted(threshold):
+        monkeypatch.setattr(layers, "CPU_SDPA_MIN_LENGTH", threshold)
+        with throughput.flop_counter() as fc:
+            out = layers.qkv_attention(qkv, heads, True)
+        fwd = fc.get_total_flops()
+        with throughput.flop_counter() as fc:
+            out.sum().backward()
+        return fwd, fc.get_total_flops()
+
+    one_matmul = 2 * n * heads * length * length * ch
+    assert counted(length + 1) == (2 * one_matmul, 4 * one_matmul)  # two matmuls
+    assert counted(length) == (2 * one_matmul, 5 * one_matmul)  # SDPA's CPU flash kernel

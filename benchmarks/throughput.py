@@ -75,6 +75,28 @@ def difflab_conv1x1():
     return net, call, fmt
 
 
+def difflab_attention_before():
+    """difflab's U-Net with its CPU attention as before 2026-12-02 (benchmarks/fast_paths.py's plain attention
+    knobs): the [L, L] scores scaled after the matmul, two matmuls at every length."""
+    from difflab.nn import layers
+    from fast_paths import attention
+
+    net, call, fmt = difflab_model()
+    fast = layers.qkv_attention
+
+    def before(*args, **kwargs):
+        return attention(*args, **kwargs, cast=False, layout=True, scale_q=False, sdpa=False)
+
+    def call_before(m, x, t):
+        layers.qkv_attention = before  # the U-Net looks it up at call time; the backward needs no lookup
+        try:
+            return call(m, x, t)
+        finally:
+            layers.qkv_attention = fast
+
+    return net, call_before, fmt
+
+
 def difflab_compiled():
     """difflab's U-Net under ``torch.compile`` (inductor; needs a C++ compiler on CPU; minutes to compile)."""
     net, call, fmt = difflab_model()
@@ -103,6 +125,7 @@ MODELS: dict[str, Factory] = {
     "difflab": difflab_model,
     "difflab-channels-last": lambda: difflab_model(torch.channels_last),
     "difflab-conv1x1": difflab_conv1x1,
+    "difflab-attention-before": difflab_attention_before,
     "difflab-compiled": lambda: difflab_compiled(),
     "diffusers": diffusers_model,
     "lucidrains": lucidrains_model,

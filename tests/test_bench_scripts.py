@@ -128,7 +128,6 @@ def test_paired_ratio_cancels_load_shared_by_a_round(monkeypatch):
 def test_throughput_conv1x1_row_is_the_same_network_before_the_pointwise_path(monkeypatch):
     """The "difflab-conv1x1" row (the before of the pointwise path) computes the difflab row's function with
     oneDNN 1x1 convolutions in place of the batched matmuls, and keeps every parameter."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     throughput = _load("throughput")
     from difflab.nn.layers import _Pointwise
 
@@ -145,6 +144,36 @@ def test_throughput_conv1x1_row_is_the_same_network_before_the_pointwise_path(mo
             q.copy_(p)
         x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 900])
         out, ref = fast(x, t), before(x, t)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_throughput_attention_before_row_uses_the_old_attention_and_restores_the_new():
+    """The "difflab-attention-before" row runs the U-Net's 11 attention layers through the old formulation
+    (scores scaled, two matmuls at every length: its output differs from the library's by rounding only), and
+    the library's attention is back in place after every call, forward and backward."""
+    from difflab.nn import layers
+
+    throughput = _load("throughput")
+    torch.manual_seed(0)
+    net, call, _ = throughput.MODELS["difflab-attention-before"]()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    fast = layers.qkv_attention
+    seen = []
+    old = layers.F.scaled_dot_product_attention
+    layers.F.scaled_dot_product_attention = lambda *a, **k: seen.append(1) or old(*a, **k)
+    try:
+        x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 900])
+        out = call(net, x, t)
+        assert not seen  # the 16x16 layers took the two matmuls
+        out.sum().backward()
+        assert layers.qkv_attention is fast
+        ref = net(x, t)
+        assert len(seen) == 5  # the library's own call: SDPA at 16x16
+    finally:
+        layers.F.scaled_dot_product_attention = old
+    assert not torch.equal(out, ref)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 

@@ -10,9 +10,12 @@ backward) and for sampling (forward under ``torch.inference_mode``), interleaved
   on; its CPU flash kernel never materialises the scores).
 
 Reported: the median ms per call and the speed-up of each formulation over ``scores scaled`` (median of the
-per-round ratios, with quartiles: ``throughput.paired_ratio``). Run it alone on the machine:
+per-round ratios, with quartiles: ``throughput.paired_ratio``). ``--networks`` adds whole released
+architectures (random weights): one sampling forward at ``--network-batch`` with the library's attention
+against ``scores scaled`` at every length (the library before). Run it alone on the machine:
 
-    python benchmarks/attention.py --threads 2 --out docs/results/attention.md
+    python benchmarks/attention.py --threads 2 --networks guided-diffusion/64x64_diffusion,ddpm-cifar10 \
+        --out docs/results/attention.md
 """
 
 from __future__ import annotations
@@ -84,6 +87,41 @@ def time_shape(shape: tuple[int, int, int, int], rounds: int, calls: int) -> dic
     return {"times": times, "max_abs_deviation": deviation}
 
 
+def time_network(preset: str, batch: int, rounds: int) -> dict:
+    """One sampling forward of a preset's network (random weights, ``torch.inference_mode``): the library's CPU
+    attention against ``scores scaled`` at every length, interleaved; {"library" / "before": [ms per call]}."""
+    from difflab.nn import build_network, get_preset
+
+    cfg = get_preset(preset)
+    torch.manual_seed(0)
+    net = build_network(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    kwargs = {"y": torch.randint(0, cfg.num_classes, (batch,), generator=g)} if cfg.num_classes else {}
+    fast = layers.qkv_attention
+    def before(qkv, n_heads, legacy_order, encoder_kv=None, key_mask=None):
+        return plain_attention(qkv, n_heads, legacy_order, encoder_kv, key_mask, cast=False, layout=True,
+                               scale_q=False, sdpa=False)
+
+    variants = {"library": fast, "before": before}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            layers.qkv_attention = variants[name]
+            try:
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    net(x, t, **kwargs)
+                if r:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+            finally:
+                layers.qkv_attention = fast
+    lengths = sorted({(cfg.image_size // ds) ** 2 for ds in cfg.attention_resolutions})
+    return {"times": times, "attention_lengths": lengths, "batch": batch,
+            "params": sum(p.numel() for p in net.parameters())}
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), or what ``platform`` knows."""
     info = Path("/proc/cpuinfo")
@@ -92,7 +130,7 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def markdown(results: dict, meta: dict) -> str:
+def markdown(results: dict, meta: dict, networks: dict | None = None) -> str:
     lines = [f"# CPU self-attention per layer ({meta['threads']} threads, torch {meta['torch']}, "
              f"{meta['rounds']} rounds of {meta['calls']} calls)", "",
              f"`{meta['command']}` on {meta['machine']}, {meta['date']}. ms per call (median of rounds); "
@@ -112,6 +150,16 @@ def markdown(results: dict, meta: dict) -> str:
             lines.append(f"| {key} | {mode} | {ms} | " + " | ".join(ups) + " |")
     dev = max(d for res in results.values() for d in res["max_abs_deviation"].values())
     lines += ["", f"Largest |difference| from `scores scaled` over all shapes (float32 outputs): {dev:.1e}."]
+    if networks:
+        lines += ["", "## Whole networks: one sampling forward (random weights)", "",
+                  "| preset | params | batch | attention lengths | before ms | library ms | speed-up (quartiles) |",
+                  "|---|---|---|---|---|---|---|"]
+        for preset, res in networks.items():
+            before, lib = res["times"]["before"], res["times"]["library"]
+            med, q1, q3 = paired_ratio(before, lib)
+            lines.append(f"| {preset} | {res['params'] / 1e6:.1f}M | {res['batch']} | "
+                         f"{', '.join(map(str, res['attention_lengths']))} | {statistics.median(before):.0f} | "
+                         f"{statistics.median(lib):.0f} | {med:.2f}x ({q1:.2f}-{q3:.2f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,8 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--networks", default="", help="comma-separated presets to time whole (sampling forward)")
+    p.add_argument("--network-batch", type=int, default=2)
+    p.add_argument("--network-rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="write the markdown here and the JSON beside it")
     args = p.parse_args(argv)
+    presets = [name.strip() for name in args.networks.split(",") if name.strip()]
+    from difflab.nn.presets import PRESETS
+
+    unknown = [name for name in presets if name not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset {unknown[0]!r}; valid: {', '.join(PRESETS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
@@ -134,11 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             "calls": args.calls, "threshold": layers.CPU_SDPA_MIN_LENGTH, "machine": cpu_name(),
             "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/attention.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    text = markdown(results, meta)
+    networks = {}
+    for preset in presets:
+        networks[preset] = time_network(preset, args.network_batch, args.network_rounds)
+        print(preset, {k: round(statistics.median(v)) for k, v in networks[preset]["times"].items()}, flush=True)
+    text = markdown(results, meta, networks)
     print(text)
     if args.out:
         args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"meta": meta, "results": results, "networks": networks}, indent=1) + "\n")
     return 0
 
 

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--iters", type=int, default=1, help="training steps per variant per round")
+    p.add_argument("--iters", type=int, default=1, help="steps per variant per round")
+    p.add_argument("--mode", default="train", choices=("train", "sample"),
+                   help="time training steps, or sampling forwards (torch.inference_mode)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,17 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown precision {precision!r}; valid: fp32, bf16")
         bench = Bench("difflab", 32, 32, torch.device("cpu"), precision=precision)
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        step = bench.train_step if args.mode == "train" else bench.sample_step
         for variant in VARIANTS.values():  # warm-up every variant's kernels
             use(variant)
-            bench.train_step()
+            step()
         for r in range(args.rounds):
             for name in (list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]):
                 use(VARIANTS[name])
-                times[name].append(bench.time(bench.train_step, args.iters))
+                times[name].append(bench.time(step, args.iters))
         use({})
-        print(f"\n{precision}, {torch.get_num_threads()} threads, batch 32, 1x32x32 ({args.rounds} rounds of "
-              f"{args.iters} steps)")
-        print(paired_table(times, "all fast paths"))
+        print(f"\n{precision}, {args.mode}, {torch.get_num_threads()} threads, batch 32, 1x32x32 ({args.rounds} "
+              f"rounds of {args.iters} steps)")
+        print(paired_table(times, "all fast paths").replace("train img/s", f"{args.mode} img/s"))
     return 0
 
 

@@ -199,3 +199,43 @@ def test_flop_counter_counts_the_cpu_flash_kernel(monkeypatch):
     one_matmul = 2 * n * heads * length * length * ch
     assert counted(length + 1) == (2 * one_matmul, 4 * one_matmul)  # two matmuls
     assert counted(length) == (2 * one_matmul, 5 * one_matmul)  # SDPA's CPU flash kernel
+
+
+def test_fast_paths_variants_compute_the_library_function_and_restore_it():
+    """Every variant of benchmarks/fast_paths.py (each fast path reverted, all of them, SDPA everywhere) gives
+    the library's output and parameter gradients up to float32 rounding (exactly, for the two that only remove
+    casts to float32), and ``use({})`` puts the library's formulations back."""
+    from difflab.nn import layers
+
+    fast_paths = _load("fast_paths")
+    throughput = _load("throughput")
+    library = (layers.qkv_attention, layers.GroupNorm32.forward, layers._Pointwise.forward,
+               layers.CPU_SDPA_MIN_LENGTH)
+    torch.manual_seed(0)
+    net = throughput.difflab_model()[0]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    x, t = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 900])
+
+    def run():
+        net.zero_grad(set_to_none=True)
+        out = net(x, t)
+        out.square().mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    ref_out, ref_grad = run()
+    try:
+        for name, variant in list(fast_paths.VARIANTS.items())[1:]:  # after "all fast paths"
+            fast_paths.use(variant)
+            out, grad = run()
+            assert ((out - ref_out).abs().max() / ref_out.abs().max()).item() < 1e-5, name
+            assert ((grad - ref_grad).abs().max() / ref_grad.abs().max()).item() < 1e-4, name
+            if name in ("plain softmax", "plain group_norm"):  # casts to float32, which float32 does not need
+                assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad), name
+            elif name != "plain attention_layout":  # (the transposed product can round alike)
+                assert variant and not torch.equal(grad, ref_grad), name  # it really took another formulation
+    finally:
+        fast_paths.use({})
+    assert (layers.qkv_attention, layers.GroupNorm32.forward, layers._Pointwise.forward,
+            layers.CPU_SDPA_MIN_LENGTH) == library

@@ -12,29 +12,27 @@ from difflab.nn.layers import GroupNorm32, PointwiseConv1d, PointwiseConv2d, _he
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def sdpa_reference(qkv, heads, legacy):
-    """The SDPA formulation (the path CUDA takes)."""
+def split_qkv(qkv, heads, legacy):
+    """q, k, v [N, H, C, L] of the official layouts, and C."""
     n, width, length = qkv.shape
     ch = width // (3 * heads)
     if legacy:
-        q, k, v = qkv.reshape(n, heads, 3, ch, length).unbind(2)
-    else:
-        q, k, v = qkv.reshape(n, 3, heads, ch, length).unbind(1)
+        return (*qkv.reshape(n, heads, 3, ch, length).unbind(2), ch)
+    return (*qkv.reshape(n, 3, heads, ch, length).unbind(1), ch)
+
+
+def sdpa_reference(qkv, heads, legacy):
+    """The SDPA formulation (the path CUDA takes)."""
+    q, k, v, ch = split_qkv(qkv, heads, legacy)
     out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(n, heads * ch, length)
+    return out.transpose(-1, -2).reshape(qkv.shape[0], heads * ch, qkv.shape[2])
 
 
 def math_reference(qkv, heads, legacy):
     """softmax(q^T k / sqrt(C)) v written out, in float64."""
-    qkv = qkv.double()
-    n, width, length = qkv.shape
-    ch = width // (3 * heads)
-    if legacy:
-        q, k, v = qkv.reshape(n, heads, 3, ch, length).unbind(2)
-    else:
-        q, k, v = qkv.reshape(n, 3, heads, ch, length).unbind(1)
+    q, k, v, ch = split_qkv(qkv.double(), heads, legacy)
     weight = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / ch**0.5, dim=-1)
-    return torch.einsum("nhqk,nhck->nhcq", weight, v).reshape(n, heads * ch, length)
+    return torch.einsum("nhqk,nhck->nhcq", weight, v).reshape(qkv.shape[0], heads * ch, qkv.shape[2])
 
 
 @pytest.mark.parametrize("length", [64, layers.CPU_SDPA_MIN_LENGTH])  # two matmuls / SDPA's fused kernel

@@ -277,8 +277,8 @@ class ResBlock(TimestepBlock):
 
 #: Self-attention on the CPU over at least this many positions (16x16 maps and up) runs in SDPA's fused
 #: (flash) kernel, which never writes the [L, L] scores; below it, two matmuls are faster. Measured on the
-#: 2-core CPU of docs/results/attention.md (``benchmarks/attention.py``): at L = 1024 SDPA trains 3.0x and
-#: samples 4.4x faster, at L = 256 it is even for training and 1.4x for sampling, at L <= 128 it is slower.
+#: 2-core CPU of docs/results/attention.md (``benchmarks/attention.py``): at L = 1024 SDPA trains 2.1-3.0x and
+#: samples 3.0-4.6x faster, at L = 256 0.98-1.21x for training and 1.05-1.35x for sampling, at L <= 128 slower.
 CPU_SDPA_MIN_LENGTH = 256
 
 

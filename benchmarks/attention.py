@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 
 from difflab.nn import layers
 from fast_paths import attention as plain_attention
-from throughput import paired_ratio
+from fast_paths import attention_before, attention_installed
+from throughput import cpu_name, paired_ratio
 
 # (N, H, C, L): the throughput U-Net's 8x8 and 16x16 layers at batch 32, and 32x32 maps (ADM-64, GLIDE base).
 SHAPES = ((32, 4, 32, 64), (32, 2, 32, 128), (32, 2, 32, 256), (8, 4, 64, 256), (8, 2, 32, 1024),
@@ -49,8 +49,7 @@ def sdpa(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 FORMULATIONS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "scores scaled": lambda qkv, h: plain_attention(qkv, h, True, cast=False, layout=True, scale_q=False,
-                                                    sdpa=False),
+    "scores scaled": lambda qkv, h: attention_before(qkv, h, True),
     "q scaled": lambda qkv, h: plain_attention(qkv, h, True, cast=False, layout=True, scale_q=True, sdpa=False),
     "sdpa": sdpa,
 }
@@ -99,35 +98,18 @@ def time_network(preset: str, batch: int, rounds: int) -> dict:
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     kwargs = {"y": torch.randint(0, cfg.num_classes, (batch,), generator=g)} if cfg.num_classes else {}
-    fast = layers.qkv_attention
-    def before(qkv, n_heads, legacy_order, encoder_kv=None, key_mask=None):
-        return plain_attention(qkv, n_heads, legacy_order, encoder_kv, key_mask, cast=False, layout=True,
-                               scale_q=False, sdpa=False)
-
-    variants = {"library": fast, "before": before}
+    variants = {"library": layers.qkv_attention, "before": attention_before}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds + 1):  # round 0 warms up
         for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            layers.qkv_attention = variants[name]
-            try:
+            with attention_installed(variants[name]), torch.inference_mode():
                 t0 = time.perf_counter()
-                with torch.inference_mode():
-                    net(x, t, **kwargs)
+                net(x, t, **kwargs)
                 if r:
                     times[name].append((time.perf_counter() - t0) * 1e3)
-            finally:
-                layers.qkv_attention = fast
     lengths = sorted({(cfg.image_size // ds) ** 2 for ds in cfg.attention_resolutions})
     return {"times": times, "attention_lengths": lengths, "batch": batch,
             "params": sum(p.numel() for p in net.parameters())}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), or what ``platform`` knows."""
-    info = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in (info.read_text().splitlines() if info.exists() else [])
-             if ln.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def markdown(results: dict, meta: dict, networks: dict | None = None) -> str:

@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from difflab.hardware import native_bf16
+from throughput import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -121,8 +121,7 @@ def main() -> None:
         bf16_rate = alone(tmp, "bf16", {}, 20, "true")  # emulated bf16 is slow: 20 steps say enough
     best = max(solo.values())
     native, why = native_bf16("cpu")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     result = {"steps": args.steps, "alone": solo, "together": rows, "bf16_alone": bf16_rate, "native_bf16": native,
               "why": why, "machine": f"{cpu}, {os.cpu_count()} cores", "torch": torch.__version__,
               "date": dt.date.today().isoformat(), "command": f"python benchmarks/concurrency.py --steps {args.steps}"}

@@ -23,6 +23,7 @@ resolution as benchmarks/throughput.py. Run it on an otherwise idle machine:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 
@@ -70,6 +71,24 @@ def attention(qkv, n_heads, legacy_order, encoder_kv=None, key_mask=None, *, cas
     if layout:
         return torch.matmul(weight, v.transpose(-1, -2)).transpose(-1, -2).reshape(n, n_heads * ch, length)
     return torch.matmul(v, weight.transpose(-1, -2)).reshape(n, n_heads * ch, length)
+
+
+def attention_before(qkv, n_heads, legacy_order, encoder_kv=None, key_mask=None):
+    """The library's CPU attention before 2026-12-02: the [L, L] scores scaled, two matmuls at every length."""
+    return attention(qkv, n_heads, legacy_order, encoder_kv, key_mask, cast=False, layout=True, scale_q=False,
+                     sdpa=False)
+
+
+@contextlib.contextmanager
+def attention_installed(formulation):
+    """``layers.qkv_attention`` replaced by ``formulation`` inside the block (the U-Net looks it up at call time;
+    a backward needs no lookup), the library's own afterwards."""
+    library = layers.qkv_attention
+    layers.qkv_attention = formulation
+    try:
+        yield
+    finally:
+        layers.qkv_attention = library
 
 
 VARIANTS = {

@@ -78,21 +78,13 @@ def difflab_conv1x1():
 def difflab_attention_before():
     """difflab's U-Net with its CPU attention as before 2026-12-02 (benchmarks/fast_paths.py's plain attention
     knobs): the [L, L] scores scaled after the matmul, two matmuls at every length."""
-    from difflab.nn import layers
-    from fast_paths import attention
+    from fast_paths import attention_before, attention_installed
 
     net, call, fmt = difflab_model()
-    fast = layers.qkv_attention
-
-    def before(*args, **kwargs):
-        return attention(*args, **kwargs, cast=False, layout=True, scale_q=False, sdpa=False)
 
     def call_before(m, x, t):
-        layers.qkv_attention = before  # the U-Net looks it up at call time; the backward needs no lookup
-        try:
+        with attention_installed(attention_before):
             return call(m, x, t)
-        finally:
-            layers.qkv_attention = fast
 
     return net, call_before, fmt
 
@@ -314,6 +306,14 @@ def profile_top_ops(bench: Bench, iters: int = 2, rows: int = 12) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what ``platform`` knows."""
+    info = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in (info.read_text().splitlines() if info.exists() else [])
+             if ln.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def versions() -> dict[str, str]:
